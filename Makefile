@@ -45,7 +45,10 @@ FIXTURE_BINS = $(patsubst test/fixtures/%,$(BUILD)/fixtures/%.bin,$(FIXTURE_DIRS
 $(BUILD)/fixtures/%.bin: test/fixtures/% scripts/export.py
 	@mkdir -p $(dir $@)
 	$(PYTHON) scripts/export.py hf $< $@ --dtype fp32 --quiet
-fixtures: $(FIXTURE_BINS)
+$(BUILD)/fixtures/stories260k.bin: $(SHARED)/models/stories260K.bin scripts/export.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) scripts/export.py llama2c $< $@ --dtype fp32 --quiet
+fixtures: $(FIXTURE_BINS) $(BUILD)/fixtures/stories260k.bin
 
 $(BUILD)/test/%.o: test/%.cpp $(HEADERS)
 	@mkdir -p $(dir $@)
