@@ -33,7 +33,7 @@ GPU_TEST_OBJ = $(patsubst test/%.cu,$(BUILD)/test/%.o,$(GPU_TEST_SRC))
 
 .PHONY: all test test_gpu dev clean fixtures
 
-all: train_lolcats $(BUILD)/test_cpu $(BUILD)/test_gpu dev
+all: train_lolcats $(BUILD)/test_cpu $(BUILD)/test_gpu $(BUILD)/ref_perplexity dev
 
 train_lolcats: train_lolcats.cu $(HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LIBS)
@@ -58,6 +58,12 @@ $(BUILD)/test_cpu: $(CPU_TEST_OBJ)
 
 test: $(BUILD)/test_cpu fixtures
 	LOLCATS_SHARED=$(SHARED) LOLCATS_BUILD=$(BUILD) ./$(BUILD)/test_cpu
+	LOLCATS_SHARED=$(SHARED) LOLCATS_BUILD=$(BUILD) $(PYTHON) -m pytest -q test/python
+
+# CPU-reference perplexity of a token shard (the oracle beside --eval-ppl and transformers).
+$(BUILD)/ref_perplexity: reference/perplexity_main.cpp $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXX_FLAGS) -O3 $< -o $@
 
 $(BUILD)/test/%.o: test/%.cu $(HEADERS)
 	@mkdir -p $(dir $@)
