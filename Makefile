@@ -56,7 +56,7 @@ $(BUILD)/test/%.o: test/%.cpp $(HEADERS)
 $(BUILD)/test_cpu: $(CPU_TEST_OBJ)
 	$(CXX) $(CXX_FLAGS) $^ -o $@ $(GTEST_LIBS)
 
-test: $(BUILD)/test_cpu fixtures
+test: $(BUILD)/test_cpu fixtures train_lolcats
 	LOLCATS_SHARED=$(SHARED) LOLCATS_BUILD=$(BUILD) ./$(BUILD)/test_cpu
 	LOLCATS_SHARED=$(SHARED) LOLCATS_BUILD=$(BUILD) $(PYTHON) -m pytest -q test/python
 

@@ -159,21 +159,29 @@ static Options parse_options(int argc, char** argv) {
   return o;
 }
 
-// A path that names an existing file is a model file; otherwise the name must be a preset.
-static LlamaModel load_model(const Options& o) {
+// A path that names an existing file is a model file; otherwise the name must be a preset. Only the
+// header is read here (on the CPU, before any CUDA call), so every bad input is reported before the
+// GPU is touched; the weights are loaded by load_model.
+static ModelHeader resolve_model(const Options& o, bool* is_file) {
   FILE* f = fopen(o.model.c_str(), "rb");
-  if (f) {
-    fclose(f);
-    return llama_load(o.model, o.T);
-  }
   ModelHeader h;
-  if (!preset_header(o.model, &h))
+  if (f) {
+    h = read_model_header(f, o.model, nullptr);
+    fclose(f);
+    *is_file = true;
+    return h;
+  }
+  if (!preset_header(o.model, &h)) {
+    if (o.model.find('/') != std::string::npos || o.model.find(".bin") != std::string::npos)
+      fatal("cannot open model file '%s' (%s)", o.model.c_str(), strerror(errno));
     fatal("model '%s' is neither a readable file nor a preset (%s)", o.model.c_str(), preset_names());
-  return llama_random(h, o.T, o.seed);
+  }
+  *is_file = false;
+  return h;
 }
 
-static void check_seq_len(const LlamaModel& m, int T) {
-  if (T > (int)m.h.max_seq_len) fatal("sequence length %d exceeds the model's maximum %u", T, m.h.max_seq_len);
+static LlamaModel load_model(const Options& o, const ModelHeader& h, bool is_file) {
+  return is_file ? llama_load(o.model, o.T) : llama_random(h, o.T, o.seed);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -241,6 +249,11 @@ static void run_bench_forward(const Options& o, const LlamaModel& m, Blas& blas)
   llama_acts_free(a);
 }
 
+static void stage1_check_inputs(const Options& o, const ModelHeader& h) {
+  if (o.data_dir.empty()) fatal("no data directory: -i DIR (token shards from scripts/prepare_alpaca.py)");
+  (void)h;
+}
+
 static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
   (void)o; (void)m; (void)blas;
   fatal("stage 1 is not built yet");
@@ -248,10 +261,20 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
 
 int main(int argc, char** argv) {
   Options o = parse_options(argc, argv);
+  bool is_file = false;
+  const ModelHeader h = resolve_model(o, &is_file);
+  if (o.T > (int)h.max_seq_len) fatal("sequence length %d exceeds the model's maximum %u", o.T, h.max_seq_len);
+  if (!o.eval_ppl.empty()) {
+    TokenShard probe(o.eval_ppl);  // validated now, before the GPU is touched
+    if (probe.header().vocab_size > h.vocab_size)
+      fatal("shard '%s' has vocabulary %u but the model has %u", o.eval_ppl.c_str(), probe.header().vocab_size,
+            h.vocab_size);
+  } else if (o.bench.empty()) {
+    stage1_check_inputs(o, h);
+  }
   int ndev = 0;
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) fatal("no CUDA device found");
-  LlamaModel m = load_model(o);
-  check_seq_len(m, o.T);
+  LlamaModel m = load_model(o, h, is_file);
   Blas blas;
   blas.init();
   if (!o.eval_ppl.empty()) {
