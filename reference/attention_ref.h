@@ -10,8 +10,10 @@
 namespace ref {
 
 // Causal softmax attention (the teacher): out_i = sum_{j<=i} softmax_j(q_i.k_j / sqrt(d)) v_j.
+// lse (B, H, T), optional: log sum_{j<=i} exp(q_i.k_j / sqrt(d)), what the backward needs.
 template <typename S>
-void softmax_attention_forward(S* out, const S* q, const S* k, const S* v, int B, int T, int H, int Hkv, int d) {
+void softmax_attention_forward(S* out, const S* q, const S* k, const S* v, int B, int T, int H, int Hkv, int d,
+                               S* lse = nullptr) {
   const int group = H / Hkv;
   const S scale = S(1) / std::sqrt(S(d));
   std::vector<S> s(T);
@@ -30,6 +32,7 @@ void softmax_attention_forward(S* out, const S* q, const S* k, const S* v, int B
         }
         S denom = 0;
         for (int j = 0; j <= i; j++) { s[j] = std::exp(s[j] - m); denom += s[j]; }
+        if (lse) lse[((size_t)b * H + h) * T + i] = m + std::log(denom);
         S* oi = out + (((size_t)b * T + i) * H + h) * d;
         for (int c = 0; c < d; c++) oi[c] = 0;
         for (int j = 0; j <= i; j++) {

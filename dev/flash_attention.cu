@@ -1,0 +1,169 @@
+// dev/flash_attention.cu: kernel lab for the teacher's causal softmax attention forward (attention.cuh).
+// Versions: a naive kernel (one thread per query row, global memory, two passes), the generic kernel
+// of attention.cuh, and several tile shapes of its tensor-core flash kernel. Each is validated against
+// reference/attention_ref.h on fresh random inputs, then timed at Llama 3 8B attention shapes
+// (32 query heads, 8 kv heads, d = 128; also d = 64) with B * T = 8192.
+//   make -C dev flash_attention && ./dev/build/flash_attention [--quick]
+// TFLOP/s counts the causal FLOPs only: 2 matmuls * 2 FLOP * B * H * T^2 * d / 2.
+// GB/s counts q, k, v read once and out written once (the minimum traffic).
+#include <functional>
+#include <string>
+
+#include "attention.cuh"
+#include "reference/attention_ref.h"
+
+using namespace attention_detail;
+
+// Version 0: one thread per (b, h, i); pass 1 finds the max score, pass 2 sums exp and accumulates v.
+__global__ void attention_naive_kernel(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T,
+                                       int H, int Hkv, int d, float scale) {
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long long)B * H * T) return;
+  const int i = idx % T, h = (idx / T) % H, b = idx / ((long long)T * H);
+  const int hk = h / (H / Hkv);
+  const bf16* qi = q + (((size_t)b * T + i) * H + h) * d;
+  float m = -INFINITY;
+  for (int j = 0; j <= i; j++) {
+    const bf16* kj = k + (((size_t)b * T + j) * Hkv + hk) * d;
+    float s = 0.f;
+    for (int c = 0; c < d; c++) s += __bfloat162float(qi[c]) * __bfloat162float(kj[c]);
+    m = fmaxf(m, s * scale);
+  }
+  float acc[128];
+  for (int c = 0; c < d; c++) acc[c] = 0.f;
+  float l = 0.f;
+  for (int j = 0; j <= i; j++) {
+    const bf16* kj = k + (((size_t)b * T + j) * Hkv + hk) * d;
+    const bf16* vj = v + (((size_t)b * T + j) * Hkv + hk) * d;
+    float s = 0.f;
+    for (int c = 0; c < d; c++) s += __bfloat162float(qi[c]) * __bfloat162float(kj[c]);
+    const float p = expf(s * scale - m);
+    l += p;
+    for (int c = 0; c < d; c++) acc[c] += p * __bfloat162float(vj[c]);
+  }
+  bf16* oi = out + (((size_t)b * T + i) * H + h) * d;
+  for (int c = 0; c < d; c++) oi[c] = __float2bfloat16(acc[c] / l);
+  if (lse) lse[((size_t)b * H + h) * T + i] = m + logf(l);
+}
+
+void attention_naive(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int Hkv,
+                     int d, cudaStream_t s) {
+  const long long n = (long long)B * H * T;
+  attention_naive_kernel<<<ceil_div(n, 128), 128, 0, s>>>(out, lse, q, k, v, B, T, H, Hkv, d, 1.f / sqrtf((float)d));
+  CUDA_LAUNCH_CHECK();
+}
+
+typedef void (*AttentionFn)(bf16*, float*, const bf16*, const bf16*, const bf16*, int, int, int, int, int,
+                            cudaStream_t);
+
+struct Version {
+  const char* name;
+  int d;  // 0: any head size
+  AttentionFn fn;
+  bool slow;  // timed at the shortest sequence only
+};
+
+template <class Tile>
+void flash_version(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int Hkv,
+                   int d, cudaStream_t s) {
+  if (d != Tile::D) fatal("tile for d=%d called with d=%d", Tile::D, d);
+  launch_flash_forward<Tile>(out, lse, q, k, v, B, T, H, Hkv, s);
+}
+
+static const Version versions[] = {
+    {"naive (thread per row)", 0, attention_naive, true},
+    {"generic (fp32 FMA)", 0, attention_generic, true},
+    {"flash 128x64, 4 warps x 32 rows", 128, flash_version<FlashTile<128, 4, 2, 64, false, 2>>, false},
+    {"flash 128x64, 8 warps x 16 rows, q in regs", 128, flash_version<FlashTile<128, 8, 1, 64, true, 1>>, false},
+    {"flash 64x64, 4 warps x 16 rows, q in regs", 128, flash_version<FlashTile<128, 4, 1, 64, true, 2>>, false},
+    {"flash 128x32, 4 warps x 32 rows", 128, flash_version<FlashTile<128, 4, 2, 32, false, 2>>, false},
+    {"flash 128x64, 4 warps x 32 rows", 64, flash_version<FlashTile<64, 4, 2, 64, false, 2>>, false},
+    {"flash 64x64, 4 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 4, 1, 64, true, 4>>, false},
+    {"flash 128x64, 8 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 8, 1, 64, true, 1>>, false},
+    {"dispatch (softmax_attention_forward)", 0, softmax_attention_forward, false},
+};
+
+struct DeviceInputs {
+  int B, T, H, Hkv, d;
+  size_t nq, nkv;
+  bf16 *q, *k, *v, *out;
+  float* lse;
+  std::vector<float> hq, hk, hv;  // bf16-rounded host copies
+  DeviceInputs(int B_, int T_, int H_, int Hkv_, int d_, uint64_t seed, bool keep_host)
+      : B(B_), T(T_), H(H_), Hkv(Hkv_), d(d_) {
+    nq = (size_t)B * T * H * d, nkv = (size_t)B * T * Hkv * d;
+    q = cuda_alloc<bf16>(nq), k = cuda_alloc<bf16>(nkv), v = cuda_alloc<bf16>(nkv), out = cuda_alloc<bf16>(nq);
+    lse = cuda_alloc<float>((size_t)B * H * T);
+    Rng rng(seed);
+    hq.resize(nq), hk.resize(nkv), hv.resize(nkv);
+    for (auto& x : hq) x = round_bf16((float)(2.0 * rng.normal()));
+    for (auto& x : hk) x = round_bf16((float)rng.normal());
+    for (auto& x : hv) x = round_bf16((float)rng.normal());
+    upload_bf16(q, hq.data(), nq), upload_bf16(k, hk.data(), nkv), upload_bf16(v, hv.data(), nkv);
+    if (!keep_host) hq.clear(), hk.clear(), hv.clear();
+  }
+  ~DeviceInputs() { cuda_free(q), cuda_free(k), cuda_free(v), cuda_free(out), cuda_free(lse); }
+};
+
+// Relative L2 error of the output and max abs error of the logsumexp, against the fp32 CPU reference.
+bool validate(const Version& ver, int d) {
+  const int B = 2, T = 300, H = 8, Hkv = 2;  // T not a multiple of any tile
+  DeviceInputs in(B, T, H, Hkv, d, 1234 + d, true);
+  std::vector<float> ref_out(in.nq), ref_lse((size_t)B * H * T);
+  ref::softmax_attention_forward<float>(ref_out.data(), in.hq.data(), in.hk.data(), in.hv.data(), B, T, H, Hkv, d,
+                                        ref_lse.data());
+  CUDA_CHECK(cudaMemset(in.out, 0xff, in.nq * sizeof(bf16)));
+  CUDA_CHECK(cudaMemset(in.lse, 0xff, (size_t)B * H * T * sizeof(float)));
+  ver.fn(in.out, in.lse, in.q, in.k, in.v, B, T, H, Hkv, d, 0);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> out = download_bf16(in.out, in.nq), lse = download_f32(in.lse, ref_lse.size());
+  double diff2 = 0, ref2 = 0, lse_err = 0;
+  for (size_t i = 0; i < in.nq; i++) {
+    const double dl = (double)out[i] - ref_out[i];
+    diff2 += dl * dl, ref2 += (double)ref_out[i] * ref_out[i];
+  }
+  for (size_t i = 0; i < lse.size(); i++) lse_err = std::max(lse_err, (double)std::fabs(lse[i] - ref_lse[i]));
+  const double rel = std::sqrt(diff2 / ref2);
+  const bool ok = rel <= 1e-2 && lse_err <= 1e-3;  // NaN fails both comparisons
+  printf("  d=%3d  %-46s rel.err %.2e  lse err %.2e  %s\n", d, ver.name, rel, lse_err, ok ? "ok" : "FAIL");
+  return ok;
+}
+
+void benchmark(const Version& ver, int d, int T, int H, int Hkv) {
+  const int B = std::max(1, 8192 / T);
+  DeviceInputs in(B, T, H, Hkv, d, 99, false);
+  const int warmup = ver.slow ? 1 : 3, iters = ver.slow ? 3 : 20;
+  for (int i = 0; i < warmup; i++) ver.fn(in.out, in.lse, in.q, in.k, in.v, B, T, H, Hkv, d, 0);
+  GpuTimer timer;
+  timer.start();
+  for (int i = 0; i < iters; i++) ver.fn(in.out, in.lse, in.q, in.k, in.v, B, T, H, Hkv, d, 0);
+  const double ms = timer.stop_ms() / iters;
+  const double flops = 2.0 * 2.0 * B * H * (double)T * T * d / 2.0;
+  const double bytes = 2.0 * (2 * in.nq + 2 * in.nkv);
+  printf("  d=%3d T=%5d B=%d  %-46s %8.3f ms  %6.1f TFLOP/s  %7.1f GB/s\n", d, T, B, ver.name, ms,
+         flops / ms * 1e-9, bytes / ms * 1e-6);
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+
+  printf("validation (B=2, T=300, H=8, Hkv=2; rel. L2 error of out vs fp32 CPU reference, max abs lse error)\n");
+  bool all_ok = true;
+  for (int d : {64, 128})
+    for (const Version& ver : versions)
+      if (ver.d == 0 || ver.d == d) all_ok &= validate(ver, d);
+
+  printf("benchmark (H=32, Hkv=8, B*T=8192; causal FLOPs)\n");
+  const int H = 32, Hkv = 8;
+  for (int d : {128, 64})
+    for (int T : {1024, 4096, 16384}) {
+      if (quick && T > 1024) continue;
+      for (const Version& ver : versions)
+        if ((ver.d == 0 || ver.d == d) && (!ver.slow || T == 1024)) benchmark(ver, d, T, H, Hkv);
+    }
+  printf(all_ok ? "all versions valid\n" : "VALIDATION FAILED\n");
+  return all_ok ? 0 : 1;
+}
