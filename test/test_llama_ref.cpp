@@ -24,6 +24,8 @@ void check_against_transformers(const std::string& model_bin, const std::string&
   double mx = 0;
   for (float v : fx.logits) mx = std::max(mx, (double)std::fabs(v));
   EXPECT_GT(mx, 0.5) << "fixture logits are degenerate";
+  printf("  %s: max |logit error| %.2e (max |logit| %.2f), loss %.6f vs %.6f\n", model_bin.c_str(), err, mx, loss,
+         (double)fx.loss);
 }
 
 }  // namespace
