@@ -105,7 +105,7 @@ def build_fixture(name, cfg_args, seed, out_dir):
     d = os.path.join(out_dir, name)
     if os.path.isdir(d):
         shutil.rmtree(d)
-    model.save_pretrained(d, safe_serialization=True)
+    model.save_pretrained(d)  # safetensors (the only format transformers 5 writes)
     for f in os.listdir(d):  # keep only what the exporter reads
         if f not in ("config.json", "model.safetensors"):
             os.remove(os.path.join(d, f))
