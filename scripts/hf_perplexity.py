@@ -87,8 +87,11 @@ def main():
     if windows == 0:
         fail(f"the shard holds {len(tokens)} tokens, fewer than one window of T = {T}")
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        fail(f"torch and transformers are needed (they exist on the GPU machine): {e}")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -100,6 +103,8 @@ def main():
         fail(f"cannot load '{args.hf_dir}' with transformers ({type(e).__name__}: {str(e).splitlines()[0]})")
     model = model.to(device).eval()
     vocab = model.config.vocab_size
+    if head["vocab_size"] > vocab:
+        fail(f"the shard's vocabulary {head['vocab_size']} exceeds the model's {vocab}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and T > max_pos:
         fail(f"--seq-len {T} exceeds the model's max_position_embeddings {max_pos}")
