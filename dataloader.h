@@ -265,6 +265,10 @@ class DataLoader {
     return (epochs * n_sequences_ + per_step - 1) / per_step;
   }
 
+  // Steps that fit in one epoch without wrapping into the next (rounded down): a validation pass after
+  // reset() that sees every val sequence at most once; the N mod (B*R) remainder is left out of it.
+  uint64_t whole_steps_per_epoch() const { return n_sequences_ / ((uint64_t)B_ * n_ranks_); }
+
   LoaderPosition position() const { return {seed_, next_ / n_sequences_, next_ % n_sequences_, n_sequences_}; }
   void restore(const LoaderPosition& pos) {
     if (pos.n_sequences != n_sequences_)

@@ -136,6 +136,7 @@ TEST(DataLoader, HeaderFieldsRowsTargetsAndMask) {
   EXPECT_EQ(dl.eos_id(), 2);
   EXPECT_TRUE(dl.has_mask());
   EXPECT_EQ(dl.steps_for_epochs(2), 7u);  // ceil(2 * 7 / 2)
+  EXPECT_EQ(dl.whole_steps_per_epoch(), 3u);  // floor(7 / 2)
   // Unshuffled, the stream is the shards' order, crossing from shard 0 to shard 1 inside a batch.
   DataLoader plain(dir.path, "train", 2, 8, 0, 1, 7, /*shuffle=*/false);
   std::vector<int> ids = stream(plain, c, 5);
