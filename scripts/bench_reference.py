@@ -471,7 +471,7 @@ def read_model_bin(path, dtype, device):
     off = 0
     for name, shape in layout:
         n = int(np.prod(shape))
-        arr = np.ascontiguousarray(mm[off:off + n])
+        arr = np.array(mm[off:off + n])  # a writable copy
         off += n
         t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if fdtype == 1 else torch.from_numpy(arr)
         t = t.to(device).reshape(shape)
@@ -673,7 +673,10 @@ def attn_impl(model):
 def build_hf_model(cls, hf_cfg, dtype):
     """Instantiate a transformers model with random init directly on the GPU in `dtype`."""
     old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    try:
+        torch.set_default_dtype(dtype)  # parameters are created in dtype (bf16 8B: 16 GB, not 32 GB first)
+    except (TypeError, RuntimeError):
+        pass
     try:
         with torch.device("cuda"):
             model = cls(hf_cfg)
@@ -682,58 +685,70 @@ def build_hf_model(cls, hf_cfg, dtype):
     return model.to(dtype).eval()
 
 
+def attention_one_size(c, B, T, args):
+    """(ms, peak GiB) of fwd+bwd for SDPA flash, SDPA cuDNN and the quadratic hybrid at one (B, T); None = OOM
+    (or, for cuDNN, no kernel for this shape)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, Hkv, d = c.n_heads, c.n_kv_heads, c.head_dim
+    gen = torch.Generator("cuda").manual_seed(args.seed + T)
+
+    def make(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16).requires_grad_(True)
+    q, k, v = make(B, H, T, d), make(B, Hkv, T, d), make(B, Hkv, T, d)
+    dout = torch.randn(B, H, T, d, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def sdpa_flash():
+        q.grad = k.grad = v.grad = None
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.backward(dout)
+
+    def sdpa_cudnn():
+        q.grad = k.grad = v.grad = None
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv), is_causal=True)
+        out.backward(dout)
+
+    def timed(fn):
+        free_memory()
+        torch.cuda.reset_peak_memory_stats()
+        ms = try_or_oom(lambda: cuda_time_ms(fn, args.warmup, args.iters))
+        return ms, (peak_gib() if ms is not None else None)
+    out = {"flash": timed(sdpa_flash)}
+    try:
+        out["cudnn"] = timed(sdpa_cudnn)
+    except RuntimeError as e:  # no cuDNN attention kernel for this shape or build
+        print(f"# T={T}: SDPA cuDNN backend unavailable ({str(e).splitlines()[0][:100]})")
+        out["cudnn"] = (None, None)
+    out["quadratic"] = (None, None)
+    try:
+        masks = window_masks(T, WINDOW, args.geometry, "cuda")
+        wq, wk, wl = [p[0].detach().clone().requires_grad_(True) for p in init_feature_maps(c, "cuda")]
+        dout32 = dout.float()
+
+        def quadratic():
+            q.grad = k.grad = v.grad = wq.grad = wk.grad = wl.grad = None
+            hybrid_attention_quadratic(q, k, v, wq, wk, wl, masks).backward(dout32)
+        out["quadratic"] = timed(quadratic)
+    except torch.OutOfMemoryError:
+        pass
+    return out
+
+
 def cmd_attention(args):
     c = shape_cfg(args.small)
     H, Hkv, d, f = c.n_heads, c.n_kv_heads, c.head_dim, FEATURE_DIM
     seq_lens = args.seq_lens or ([128, 256, 512] if args.small else [1024, 4096, 16384, 32768])
     tokens = args.tokens or (1024 if args.small else 8192)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     rows, results = [], []
     for T in seq_lens:
         B = max(1, tokens // T)
-        gen = torch.Generator("cuda").manual_seed(args.seed + T)
-
-        def make(*shape, dtype=torch.bfloat16):
-            return torch.randn(*shape, device="cuda", dtype=torch.float32, generator=gen).to(dtype).requires_grad_(True)
-        q, k, v = make(B, H, T, d), make(B, Hkv, T, d), make(B, Hkv, T, d)
-        dout = torch.randn(B, H, T, d, device="cuda", generator=gen).to(torch.bfloat16)
-
-        def sdpa_flash():
-            q.grad = k.grad = v.grad = None
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            out.backward(dout)
-
-        def sdpa_cudnn():
-            q.grad = k.grad = v.grad = None
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out = F.scaled_dot_product_attention(q, repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv), is_causal=True)
-            out.backward(dout)
-
-        def timed(fn):
-            torch.cuda.reset_peak_memory_stats()
-            ms = try_or_oom(lambda: cuda_time_ms(fn, args.warmup, args.iters))
-            return ms, (peak_gib() if ms is not None else None)
-        flash_ms, flash_mem = timed(sdpa_flash)
         try:
-            cudnn_ms, cudnn_mem = timed(sdpa_cudnn)
-        except RuntimeError:  # no cuDNN attention for this shape/build
-            cudnn_ms, cudnn_mem = None, None
-            free_memory()
-        def quadratic():
-            q.grad = k.grad = v.grad = None
-            wq.grad = wk.grad = wl.grad = None
-            y = hybrid_attention_quadratic(q, k, v, wq, wk, wl, masks)
-            y.backward(dout.float())
-        quad_ms = quad_mem = None
-        masks = None
-        try:
-            masks = window_masks(T, WINDOW, args.geometry, "cuda")
-            wq, wk, wl = [p[0].detach().clone().requires_grad_(True) for p in init_feature_maps(c, "cuda")]
-            quad_ms, quad_mem = timed(quadratic)
-        except torch.OutOfMemoryError:
-            free_memory()
-        masks = None
+            got = attention_one_size(c, B, T, args)
+        except torch.OutOfMemoryError:  # even the inputs do not fit
+            got = {"flash": (None, None), "cudnn": (None, None), "quadratic": (None, None)}
+        free_memory()
+        (flash_ms, flash_mem), (cudnn_ms, cudnn_mem), (quad_ms, quad_mem) = got["flash"], got["cudnn"], got["quadratic"]
         sdpa_fl = 7 * B * H * T * T * d
         quad_fl = 3 * (2 * B * H * T * T * (2 * d + 2 * f) + 4 * B * H * T * d * f)
         ratio = quad_ms / flash_ms if quad_ms and flash_ms else None
@@ -752,8 +767,6 @@ def cmd_attention(args):
                             tokens_per_s_flash=B * T / (flash_ms / 1e3) if flash_ms else None,
                             tokens_per_s_quadratic=B * T / (quad_ms / 1e3) if quad_ms else None,
                             us_per_token_flash=per_tok["flash"], us_per_token_quadratic=per_tok["quadratic"]))
-        del q, k, v, dout
-        free_memory()
     print(f"# attention fwd+bwd, H={H} Hkv={Hkv} d={d} f={f}, window {WINDOW} ({args.geometry}), "
           f"B*T={tokens}, {device_name()}; ms = median of {args.iters}; OOM = out of memory")
     print("# flash: SDPA flash backend, enable_gqa, bf16; cudnn: SDPA cuDNN backend, repeat_kv, bf16; "
@@ -764,6 +777,26 @@ def cmd_attention(args):
                           window=WINDOW, geometry=args.geometry, tokens=tokens, device=device_name(), rows=results,
                           flops="sdpa: 7*B*H*T^2*d (causal fwd 2BHT^2d, bwd 2.5x); quadratic: executed "
                                 "3*(2*B*H*T^2*(2d+2f) + 4*B*H*T*d*f)")))
+
+
+def stage1_timed(c, layers, B, T, mode, args):
+    """(median ms, peak GiB, last loss) of full stage-1 steps (forward, backward, AdamW) at (B, T)."""
+    gen = torch.Generator("cuda").manual_seed(args.seed + T)
+    x0 = torch.randn(B, T, c.dim, device="cuda", generator=gen).to(torch.bfloat16)  # stands in for embeddings
+    fmaps = init_feature_maps(c, "cuda")
+    opt = adamw_for(list(fmaps), args)
+    masks = window_masks(T, WINDOW, args.geometry, "cuda")
+    cos, sin = rope_tables(c, T, torch.bfloat16, "cuda")
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        losses.append(stage1_forward_backward(x0, layers, c, fmaps, masks, cos, sin, 1.0, mode))
+        opt.step()
+    free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    ms = cuda_time_ms(step, args.warmup, args.iters)
+    return ms, peak_gib(), 1000 * sum(losses[-1]) / len(losses[-1])
 
 
 def cmd_stage1(args):
@@ -779,33 +812,16 @@ def cmd_stage1(args):
             B, T = (int(x) for x in spec.lower().split("x"))
         except ValueError:
             die(f"--configs takes BxT entries like 8x1024, not '{spec}'")
-        gen = torch.Generator("cuda").manual_seed(args.seed + T)
-        x0 = torch.randn(B, T, c.dim, device="cuda", generator=gen).to(torch.bfloat16)
         modes = ["total", "per-layer"] if args.backward == "auto" else [args.backward]
         got = None
         for mode in modes:
-            fmaps = init_feature_maps(c, "cuda")
-            opt = adamw_for(list(fmaps), args)
-            masks = window_masks(T, WINDOW, args.geometry, "cuda")
-            cos, sin = rope_tables(c, T, torch.bfloat16, "cuda")
-            losses = []
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                losses.append(stage1_forward_backward(x0, layers, c, fmaps, masks, cos, sin, 1.0, mode))
-                opt.step()
-            free_memory()
-            torch.cuda.reset_peak_memory_stats()
-            ms = try_or_oom(lambda: cuda_time_ms(step, args.warmup, args.iters))
-            if ms is not None:
-                got = (mode, ms, peak_gib(), 1000 * sum(losses[-1]) / len(losses[-1]))
-            del fmaps, opt, masks, losses
+            got = try_or_oom(lambda: stage1_timed(c, layers, B, T, mode, args))
             free_memory()
             if got:
                 break
         flops = stage1_flops(c, B, T)
         if got:
-            mode, ms, mem, loss = got
+            ms, mem, loss = got
             tok_s = B * T / (ms / 1e3)
             rows.append([B, T, mode, f"{ms:.1f}", f"{tok_s:,.0f}", f"{flops / (ms / 1e3) / 1e12:.1f}", f"{mem:.1f}",
                          f"{loss:.4f}"])
@@ -814,8 +830,6 @@ def cmd_stage1(args):
         else:
             rows.append([B, T, "/".join(modes), "OOM", "OOM", "OOM", "OOM", "-"])
             results.append(dict(B=B, T=T, backward="/".join(modes), oom=True))
-        del x0
-        free_memory()
     print(f"# stage-1 step (forward all layers, backward to the feature maps, AdamW), window {WINDOW} "
           f"({args.geometry}), teacher SDPA flash; ms = median of {args.iters} after {args.warmup} warm-up")
     print_table(["B", "T", "backward", "ms/step", "tokens/s", "TFLOP/s", "peak GiB", "loss"], rows)
