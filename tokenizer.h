@@ -286,6 +286,16 @@ inline uint64_t hash_bytes(const uint8_t* p, size_t n) {
   return h ^ (h >> 32);
 }
 
+// memcmp(a, b, n) == 0, without a library call for the short keys that dominate.
+inline bool bytes_equal(const uint8_t* a, const uint8_t* b, size_t n) {
+  if (n <= 8) {
+    for (size_t i = 0; i < n; i++)
+      if (a[i] != b[i]) return false;
+    return true;
+  }
+  return memcmp(a, b, n) == 0;
+}
+
 inline size_t table_capacity(size_t n) {  // load factor at most 1/2
   size_t cap = 16;
   while (cap < 2 * n) cap *= 2;
@@ -337,7 +347,7 @@ struct BytesMap {
     for (uint64_t i = h & mask;; i = (i + 1) & mask) {
       const Slot& s = slots[i];
       if (s.key_len == 0) return nullptr;
-      if (s.hash == h && s.key_len == len && memcmp(arena + s.key_off, p, len) == 0) return &s;
+      if (s.hash == h && s.key_len == len && bytes_equal(arena + s.key_off, p, len)) return &s;
     }
   }
   // False if the key is already there.
@@ -367,7 +377,7 @@ struct PieceCache {
     for (size_t i = h & mask;; i = (i + 1) & mask) {
       const Slot& s = slots[i];
       if (s.key_len == 0) return nullptr;
-      if (s.hash == h && s.key_len == len && memcmp(keys.data() + s.key_off, p, len) == 0) return &s;
+      if (s.hash == h && s.key_len == len && bytes_equal(keys.data() + s.key_off, p, len)) return &s;
     }
   }
   void insert(const uint8_t* p, size_t len, uint64_t h, const int32_t* piece_ids, size_t n_ids) {
@@ -510,16 +520,18 @@ struct Tokenizer {
       return;
     }
     uint64_t h = hash_bytes(p, len);
-    if (flags & kFlagWholePieceFirst) {
-      if (auto* t = normal_tokens.find(token_bytes.data(), p, len, h)) { out.push_back(t->value); return; }
-    }
+    // The cache first: it is small and hot, and it holds whole-token pieces too.
     if (auto* c = cache.find(p, len, h)) {
       const int32_t* ids = cache.ids.data() + c->ids_off;
-      out.insert(out.end(), ids, ids + c->n_ids);
+      if (c->n_ids == 1) out.push_back(ids[0]);
+      else out.insert(out.end(), ids, ids + c->n_ids);
       return;
     }
     size_t first = out.size();
-    bpe(p, len, out);
+    const BytesMap::Slot* whole = nullptr;
+    if (flags & kFlagWholePieceFirst) whole = normal_tokens.find(token_bytes.data(), p, len, h);
+    if (whole) out.push_back(whole->value);
+    else bpe(p, len, out);
     cache.insert(p, len, h, out.data() + first, out.size() - first);
   }
 
