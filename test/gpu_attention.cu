@@ -1,7 +1,8 @@
 // test/gpu_attention.cu: the GPU causal softmax attention (attention.cuh) against the CPU reference
-// (reference/attention_ref.h, run in double on the same bf16-rounded inputs): output and logsumexp,
-// every head size the project meets (8, 16, 32 in the test models; 64, 128 in real ones), GQA ratios
-// 1 and 4, sequence lengths that are and are not multiples of the kernels' tiles.
+// (reference/attention_ref.h, run in double on the same bf16-rounded inputs): the forward's output and
+// logsumexp and the backward's dq, dk, dv, for every head size the project meets (8, 16, 32 in the test
+// models; 64, 128 in real ones), GQA ratios 1 and 4, sequence lengths that are and are not multiples of
+// the kernels' tiles.
 #include <gtest/gtest.h>
 
 #include "attention.cuh"
@@ -159,6 +160,113 @@ TEST(SoftmaxAttentionGpuApi, LseOptional) {
     EXPECT_EQ(0, memcmp(a.data(), b.data(), nq * sizeof(float))) << "d=" << d;
     for (float x : a) ASSERT_TRUE(std::isfinite(x)) << "d=" << d;
     cuda_free(buf), cuda_free(out1), cuda_free(out2), cuda_free(lse);
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------------
+
+struct BackwardErrors {
+  double dq = INFINITY, dk = INFINITY, dv = INFINITY;  // relative L2 errors (see grad_error)
+};
+
+// ||gpu - ref|| / (||ref|| + 1e-3 sqrt(n)). The absolute floor of 1e-3 per element (gradients here are
+// O(1)) keeps exact zeros from dividing by zero: with T = 1 the softmax is constant, so dq and dk are
+// exactly 0 in the reference while the GPU leaves fp32 rounding noise (~1e-7). NaN gives +inf.
+double grad_error(const std::vector<float>& gpu, const std::vector<double>& ref) {
+  double diff2 = 0, ref2 = 0;
+  for (size_t i = 0; i < ref.size(); i++) {
+    if (!std::isfinite(gpu[i])) return INFINITY;
+    diff2 += (gpu[i] - ref[i]) * (gpu[i] - ref[i]);
+    ref2 += ref[i] * ref[i];
+  }
+  return std::sqrt(diff2) / (std::sqrt(ref2) + 1e-3 * std::sqrt((double)ref.size()));
+}
+
+// GPU forward (for out and lse, as training would have them) then GPU backward, against the double
+// reference backward on the same bf16-rounded q, k, v, dout.
+BackwardErrors run_backward(const AttentionShape& s, uint64_t seed, Path path = Path::Dispatch) {
+  const size_t nq = (size_t)s.B * s.T * s.H * s.d, nkv = (size_t)s.B * s.T * s.Hkv * s.d;
+  const size_t nlse = (size_t)s.B * s.H * s.T;
+  Rng rng(seed);
+  std::vector<float> q(nq), k(nkv), v(nkv), dout(nq);
+  for (auto& x : q) x = round_bf16((float)(2.0 * rng.normal()));
+  for (auto& x : k) x = round_bf16((float)rng.normal());
+  for (auto& x : v) x = round_bf16((float)rng.normal());
+  for (auto& x : dout) x = round_bf16((float)rng.normal());
+
+  bf16 *d_q = cuda_alloc<bf16>(nq), *d_k = cuda_alloc<bf16>(nkv), *d_v = cuda_alloc<bf16>(nkv);
+  bf16 *d_out = cuda_alloc<bf16>(nq), *d_dout = cuda_alloc<bf16>(nq);
+  bf16 *d_dq = cuda_alloc<bf16>(nq), *d_dk = cuda_alloc<bf16>(nkv), *d_dv = cuda_alloc<bf16>(nkv);
+  float *d_lse = cuda_alloc<float>(nlse), *d_delta = cuda_alloc<float>(nlse);
+  upload_bf16(d_q, q.data(), nq), upload_bf16(d_k, k.data(), nkv), upload_bf16(d_v, v.data(), nkv);
+  upload_bf16(d_dout, dout.data(), nq);
+  // Poison the gradients so rows the kernels forget cannot pass.
+  CUDA_CHECK(cudaMemset(d_dq, 0xff, nq * 2));
+  CUDA_CHECK(cudaMemset(d_dk, 0xff, nkv * 2));
+  CUDA_CHECK(cudaMemset(d_dv, 0xff, nkv * 2));
+  softmax_attention_forward(d_out, d_lse, d_q, d_k, d_v, s.B, s.T, s.H, s.Hkv, s.d, 0);
+  if (path == Path::Dispatch)
+    softmax_attention_backward(d_dq, d_dk, d_dv, d_delta, d_dout, d_out, d_lse, d_q, d_k, d_v, s.B, s.T, s.H, s.Hkv,
+                               s.d, 0);
+  else
+    attention_detail::attention_generic_backward(d_dq, d_dk, d_dv, d_delta, d_dout, d_out, d_lse, d_q, d_k, d_v, s.B,
+                                                 s.T, s.H, s.Hkv, s.d, 0);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> dq = download_bf16(d_dq, nq), dk = download_bf16(d_dk, nkv), dv = download_bf16(d_dv, nkv);
+  for (void* p : {(void*)d_q, (void*)d_k, (void*)d_v, (void*)d_out, (void*)d_dout, (void*)d_dq, (void*)d_dk,
+                  (void*)d_dv, (void*)d_lse, (void*)d_delta})
+    cuda_free(p);
+
+  std::vector<double> qd(q.begin(), q.end()), kd(k.begin(), k.end()), vd(v.begin(), v.end());
+  std::vector<double> gd(dout.begin(), dout.end()), rq(nq), rk(nkv), rv(nkv);
+  ref::softmax_attention_backward<double>(rq.data(), rk.data(), rv.data(), gd.data(), qd.data(), kd.data(), vd.data(),
+                                          s.B, s.T, s.H, s.Hkv, s.d);
+  BackwardErrors e;
+  e.dq = grad_error(dq, rq), e.dk = grad_error(dk, rk), e.dv = grad_error(dv, rv);
+  return e;
+}
+
+// Gradients go through bf16 twice more than the output (p and ds rounded for the tensor-core
+// products, delta from the bf16 output, results stored in bf16): a few 1e-3 relative; 1e-2 as for the
+// output, while a wrong index or mask moves whole rows by O(1).
+constexpr double GRAD_TOL = 1e-2;
+
+void expect_grads_close(const BackwardErrors& e, const AttentionShape& s) {
+  SCOPED_TRACE(::testing::Message() << "B=" << s.B << " T=" << s.T << " H=" << s.H << " Hkv=" << s.Hkv << " d=" << s.d);
+  EXPECT_LE(e.dq, GRAD_TOL);
+  EXPECT_LE(e.dk, GRAD_TOL);
+  EXPECT_LE(e.dv, GRAD_TOL);
+}
+
+class SoftmaxAttentionGpuBackward : public ::testing::TestWithParam<std::tuple<int, int, int>> {};
+
+TEST_P(SoftmaxAttentionGpuBackward, MatchesReference) {
+  const auto [d, gqa, T] = GetParam();
+  const AttentionShape s{2, T, gqa == 1 ? 3 : 8, gqa == 1 ? 3 : 2, d};
+  expect_grads_close(run_backward(s, 500 + 7 * d + 31 * gqa + T), s);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SoftmaxAttentionGpuBackward,
+                         ::testing::Combine(::testing::Values(8, 16, 32, 64, 128), ::testing::Values(1, 4),
+                                            ::testing::Values(1, 17, 64, 100, 257)),
+                         [](const ::testing::TestParamInfo<std::tuple<int, int, int>>& info) {
+                           return "d" + std::to_string(std::get<0>(info.param)) + "_gqa" +
+                                  std::to_string(std::get<1>(info.param)) + "_T" +
+                                  std::to_string(std::get<2>(info.param));
+                         });
+
+// A training-length sequence on the tensor-core path (the double reference takes a few seconds).
+TEST(SoftmaxAttentionGpuBackwardLong, T1024) {
+  for (int d : {64, 128}) {
+    const AttentionShape s{1, 1024, 8, 2, d};
+    expect_grads_close(run_backward(s, 9 + d), s);
+  }
+}
+
+TEST(SoftmaxAttentionGpuBackwardGeneric, MatchesReferenceAtTensorCoreSizes) {
+  for (int d : {64, 128}) {
+    const AttentionShape s{2, 100, 4, 1, d};
+    expect_grads_close(run_backward(s, 21 + d, Path::Generic), s);
   }
 }
 
