@@ -870,6 +870,10 @@ def cmd_train(args):
     T = train.T
     if val.T != T:
         die(f"train and val shards hold sequences of different lengths ({T} vs {val.T})")
+    linear_from = 2 * args.window if args.geometry == "terrace" else args.window  # first query with a linear part
+    if T <= linear_from:
+        print(f"# warning: T = {T} leaves no key in the linear region ({args.geometry} window {args.window} needs "
+              f"T > {linear_from}): the hybrid equals softmax attention and stage 1 has nothing to learn")
     stream = Stream(train, args.seed, not args.no_shuffle)
     fmaps = init_feature_maps(cfg, "cuda", args.feature_dim)
     opt = adamw_for(list(fmaps), args)
