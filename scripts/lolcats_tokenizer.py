@@ -90,19 +90,17 @@ def check_tokenizer_data(d):
             seen[t] = i
     # A byte with no token of its own is dropped by the encoder, as Hugging Face's BPE without an unknown
     # token does (SmolLM2 lacks 21 bytes: 6 control characters, 0xC0/0xC1/0xF1/0xF2/0xF5..0xFF).
-    pairs = set()
-    last = -1
+    tokens, types, last = d.tokens, d.types, -1
     for left, right, merged, prio in d.merges:
         if not (0 <= left < n and 0 <= right < n and 0 <= merged < n):
             raise TokenizerFileError(f"merge ({left}, {right}) -> {merged} names an id outside the vocabulary")
-        if d.types[left] or d.types[right] or d.types[merged] or d.tokens[left] + d.tokens[right] != d.tokens[merged]:
+        if types[left] or types[right] or types[merged] or tokens[left] + tokens[right] != tokens[merged]:
             raise TokenizerFileError(f"merge ({left}, {right}) -> {merged}: the bytes do not concatenate")
         if prio < last:
             raise TokenizerFileError("merges are not sorted by priority")
-        if (left, right) in pairs:
-            raise TokenizerFileError(f"merge ({left}, {right}) is listed twice")
-        pairs.add((left, right))
         last = prio
+    if len({(left, right) for left, right, _, _ in d.merges}) != len(d.merges):
+        raise TokenizerFileError("a merge pair is listed twice")
 
 
 def write_tokenizer_file(path, d):
@@ -147,7 +145,7 @@ def read_tokenizer_file(path):
     if len(buf) - pos != 16 * n_merges:
         raise TokenizerFileError(f"'{path}': the merge table has {len(buf) - pos} bytes, expected {16 * n_merges}")
     import numpy as np
-    merges = [tuple(int(x) for x in row) for row in np.frombuffer(buf, dtype="<u4", offset=pos).reshape(-1, 4)]
+    merges = list(map(tuple, np.frombuffer(buf, dtype="<u4", offset=pos).reshape(-1, 4).tolist()))
     d = TokenizerData(name.rstrip(b"\0").decode(), pre.rstrip(b"\0").decode(), flags, bos, eos, tokens, types, merges)
     try:
         check_tokenizer_data(d)
