@@ -426,8 +426,8 @@ struct Tokenizer {
   std::vector<int32_t> scratch_ids;     // BPE work space
   std::vector<uint32_t> scratch_u32;
 
-  Tokenizer() = default;
-  explicit Tokenizer(const std::string& path) { load(path); }
+  Tokenizer() { std::fill(byte_token, byte_token + 256, -1); }
+  explicit Tokenizer(const std::string& path) : Tokenizer() { load(path); }
 
   size_t token_len(int id) const { return token_offset[id + 1] - token_offset[id]; }
   const uint8_t* token_data(int id) const { return token_bytes.data() + token_offset[id]; }
@@ -673,7 +673,8 @@ struct Tokenizer {
     for (uint32_t t = 0; t < n_tokens; t++) n_special += token_type[t] == kTokenSpecial;
     normal_tokens.reserve(n_tokens - n_special);
     special_tokens.reserve(n_special);
-    for (int i = 0; i < 256; i++) byte_token[i] = -1;
+    std::fill(byte_token, byte_token + 256, -1);
+    std::fill(special_first_byte, special_first_byte + 256, false);
     special_lengths.clear();
     for (uint32_t t = 0; t < n_tokens; t++) {
       uint32_t len = token_offset[t + 1] - token_offset[t];
