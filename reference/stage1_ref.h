@@ -1,0 +1,86 @@
+// reference/stage1_ref.h: the CPU oracle of one stage-1 (attention transfer) micro-batch: per layer,
+// the teacher's softmax attention and the hybrid attention on the same q, k, v, the MSE between their
+// per-head outputs (before o_proj), and the gradients of the feature maps and window factors. The
+// teacher's output continues to the next layer, so no gradient crosses layers (../shared/LOLCATS.md §2).
+//
+// Trained parameters, one flat vector, per layer l at offset l * stage1_params_per_layer():
+//   Wq (H, d, f) | Wk (H, d, f) | w (H)        gamma_h = sigmoid(w_h), w_h initialised to logit(0.1)
+// The GPU trainer uses the same layout (one AdamW buffer).
+#pragma once
+#include "reference/hybrid_ref.h"
+#include "reference/llama_ref.h"
+
+namespace ref {
+
+constexpr double kWindowFactorInit = -2.1972245773362196;  // logit(0.1)
+
+inline size_t stage1_params_per_layer(int H, int d, int f) { return 2 * (size_t)H * d * f + H; }
+
+// Identity-initialised feature maps and gamma = 0.1 for every layer.
+inline std::vector<float> stage1_init_params(int L, int H, int d, int f) {
+  const size_t per = stage1_params_per_layer(H, d, f);
+  std::vector<float> p(per * L, 0.f);
+  for (int l = 0; l < L; l++) {
+    float* base = p.data() + per * l;
+    hybrid_identity_init(base, H, d, f);
+    hybrid_identity_init(base + (size_t)H * d * f, H, d, f);
+    for (int h = 0; h < H; h++) base[2 * (size_t)H * d * f + h] = (float)kWindowFactorInit;
+  }
+  return p;
+}
+
+struct Stage1RefResult {
+  std::vector<double> layer_mse;  // (L) MSE of each layer
+  double loss = 0;                // mse_factor * mean over layers
+};
+
+// One micro-batch of stage 1 on tokens (B, T). If grad is non-null it ACCUMULATES (+=) dloss/dparams.
+// All math in double for the hybrid part (the oracle), the frozen model in fp32.
+inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::vector<float>& params, const int* tokens,
+                                               int B, int T, const HybridDims& dims_in, double mse_factor,
+                                               std::vector<float>* grad) {
+  const ModelHeader& h = m.h;
+  const int L = h.n_layers, H = h.n_heads, KV = h.n_kv_heads, d = h.head_dim, N = B * T;
+  HybridDims p = dims_in;
+  p.B = B; p.T = T; p.H = H; p.Hkv = KV; p.d = d;
+  const int f = p.f;
+  const size_t per = stage1_params_per_layer(H, d, f), hdf = (size_t)H * d * f;
+  std::vector<float> x((size_t)N * h.dim), y_true((size_t)N * H * d), cos_t, sin_t;
+  rope_tables(h, T, cos_t, sin_t);
+  embed_tokens(m, tokens, N, x.data());
+  Stage1RefResult r;
+  LayerQKV a;
+  std::vector<double> qd, kd, vd, Wq(hdf), Wk(hdf), w(H), y((size_t)N * H * d), yt((size_t)N * H * d), dy(y.size());
+  std::vector<double> dWq(hdf), dWk(hdf), dw(H);
+  for (int l = 0; l < L; l++) {
+    llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a);
+    softmax_attention_forward(y_true.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, d);
+    qd.assign(a.q.begin(), a.q.end());
+    kd.assign(a.k.begin(), a.k.end());
+    vd.assign(a.v.begin(), a.v.end());
+    const float* pl = params.data() + per * l;
+    for (size_t i = 0; i < hdf; i++) { Wq[i] = pl[i]; Wk[i] = pl[hdf + i]; }
+    for (int i = 0; i < H; i++) w[i] = pl[2 * hdf + i];
+    hybrid_attention_forward(y.data(), qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
+    for (size_t i = 0; i < yt.size(); i++) yt[i] = y_true[i];
+    const double scale = mse_factor / L;
+    const double mse = hybrid_stage1_mse(grad ? dy.data() : (double*)nullptr, y.data(), yt.data(), y.size(), scale);
+    r.layer_mse.push_back(mse);
+    r.loss += scale * mse;
+    if (grad) {
+      std::fill(dWq.begin(), dWq.end(), 0.0);
+      std::fill(dWk.begin(), dWk.end(), 0.0);
+      std::fill(dw.begin(), dw.end(), 0.0);
+      hybrid_attention_backward<double>(nullptr, nullptr, nullptr, dWq.data(), dWk.data(), dw.data(), dy.data(),
+                                        qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
+      float* gl = grad->data() + per * l;
+      for (size_t i = 0; i < hdf; i++) { gl[i] += (float)dWq[i]; gl[hdf + i] += (float)dWk[i]; }
+      for (int i = 0; i < H; i++) gl[2 * hdf + i] += (float)dw[i];
+    }
+    // The teacher's output goes on: the next layer sees the original model's hidden state.
+    if (l + 1 < L) llama_layer_finish(m, l, y_true.data(), x.data(), B, T);
+  }
+  return r;
+}
+
+}  // namespace ref
