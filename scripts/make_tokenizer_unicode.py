@@ -2,7 +2,7 @@
 """make_tokenizer_unicode.py: generate tokenizer_unicode.h, the Unicode character classes that
 tokenizer.h's pre-tokenizers need, as the reference tokenizers themselves see them.
 
-    python3 scripts/make_tokenizer_unicode.py [OUT.h]     (default: tokenizer_unicode.h; takes ~10 s)
+    python3 scripts/make_tokenizer_unicode.py [OUT.h]     (default: tokenizer_unicode.h; takes ~1.5 min)
 
 Classes (code point ranges):
   letter   \\p{L} of the split patterns (tiktoken's Rust regex; Hugging Face's Oniguruma agrees)
