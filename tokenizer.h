@@ -333,7 +333,7 @@ struct PairMap {
   }
 };
 
-// Byte string -> int32 value; the keys live in an external arena (the token table) or in `own_keys`.
+// Byte string -> int32 value; the keys live in an external arena (the token table).
 struct BytesMap {
   struct Slot { uint64_t hash; uint32_t key_off, key_len; int32_t value; };  // key_len 0: empty
   std::vector<Slot> slots;
@@ -344,6 +344,7 @@ struct BytesMap {
     mask = slots.size() - 1;
   }
   const Slot* find(const uint8_t* arena, const uint8_t* p, size_t len, uint64_t h) const {
+    if (slots.empty()) return nullptr;
     for (uint64_t i = h & mask;; i = (i + 1) & mask) {
       const Slot& s = slots[i];
       if (s.key_len == 0) return nullptr;
