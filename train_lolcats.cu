@@ -2,10 +2,12 @@
 // preset), and runs one of: stage 1 attention transfer over token shards (the default job),
 // perplexity evaluation (--eval-ppl), or a speed benchmark (--bench).
 #include <chrono>
+#include <memory>
 #include <string>
 
 #include "dataloader.h"
 #include "llama.cuh"
+#include "stage1.cuh"
 
 // ------------------------------------------------------------------------------------------------
 // Options.
@@ -249,14 +251,214 @@ static void run_bench_forward(const Options& o, const LlamaModel& m, Blas& blas)
   llama_acts_free(a);
 }
 
-static void stage1_check_inputs(const Options& o, const ModelHeader& h) {
-  if (o.data_dir.empty()) fatal("no data directory: -i DIR (token shards from scripts/prepare_alpaca.py)");
-  (void)h;
+static Stage1Config stage1_config_from(const Options& o) {
+  Stage1Config c;
+  c.feature_dim = o.feature_dim; c.window = o.window; c.sinks = o.sinks;
+  c.geometry = o.geometry == "sliding" ? HYBRID_SLIDING : HYBRID_TERRACE;
+  c.mse_factor = o.mse_factor;
+  c.hyper.beta1 = o.beta1; c.hyper.beta2 = o.beta2; c.hyper.eps = o.adam_eps; c.hyper.weight_decay = o.weight_decay;
+  c.hyper.max_grad_norm = o.clip;
+  if (o.schedule == "plateau")
+    c.schedule = lr_schedule_plateau(o.lr, o.plateau_factor, o.plateau_patience, 1e-4, 0, o.min_lr);
+  else if (o.schedule == "cosine")
+    c.schedule = lr_schedule_cosine(o.lr, o.min_lr, o.warmup, o.warmup);  // total steps set once the data is known
+  else
+    c.schedule = lr_schedule_constant(o.lr);
+  return c;
 }
 
+static void stage1_check_inputs(const Options& o, const ModelHeader& h) {
+  if (o.data_dir.empty()) fatal("no data directory: -i DIR (token shards from scripts/prepare_alpaca.py)");
+  for (const char* split : {"train", "val"}) {
+    std::vector<std::string> shards = list_shards(o.data_dir, split);
+    TokenShard first(shards[0]);
+    if (first.header().vocab_size != h.vocab_size)
+      fatal("shards in '%s' have vocabulary %u but the model has %u (prepared with another tokenizer?)",
+            o.data_dir.c_str(), first.header().vocab_size, h.vocab_size);
+    if (first.header().seq_len != 0 && (int)first.header().seq_len != o.T)
+      fatal("shards in '%s' hold %u-token sequences but -t is %d (pass -t %u or re-run the preparer)",
+            o.data_dir.c_str(), first.header().seq_len, o.T, first.header().seq_len);
+  }
+  if (o.window != HYBRID_WINDOW) fatal("--window %d is not supported by the kernels (only %d)", o.window, HYBRID_WINDOW);
+  if (o.sinks > HYBRID_MAX_SINKS) fatal("--sinks %d exceeds the kernels' maximum %d", o.sinks, HYBRID_MAX_SINKS);
+  if (o.T <= 2 * o.window && o.geometry == "terrace")
+    fprintf(stderr, "warning: T = %d leaves no linear region with a terrace window of %d: nothing to train\n", o.T,
+            o.window);
+}
+
+static std::string fmt_duration(double secs) {
+  char buf[32];
+  if (!std::isfinite(secs) || secs < 0) return "?";
+  if (secs >= 3600) snprintf(buf, sizeof buf, "%dh%02dm", (int)(secs / 3600), (int)fmod(secs / 60, 60));
+  else snprintf(buf, sizeof buf, "%dm%02ds", (int)(secs / 60), (int)fmod(secs, 60));
+  return buf;
+}
+
+static double device_peak_tflops() { return 792.0; }  // measured bf16 GEMM ceiling of one H200 (BENCHMARKS.md)
+
 static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
-  (void)o; (void)m; (void)blas;
-  fatal("stage 1 is not built yet");
+  cudaStream_t st = 0;
+  const bool bench = o.bench == "stage1";
+  std::unique_ptr<DataLoader> train, val;
+  if (!bench) {
+    train.reset(new DataLoader(o.data_dir, "train", o.B, o.T, 0, 1, o.seed, true));
+    val.reset(new DataLoader(o.data_dir, "val", o.B, o.T, 0, 1, o.seed, false));
+  }
+  LlamaActs a = llama_acts_alloc(m, o.B, o.T, 1);  // stage 1 never runs the LM head
+  Stage1 s = stage1_create(stage1_config_from(o), m, o.B, o.T);
+  const double flops_micro = stage1_flops(m, o.B, o.T, o.feature_dim, o.window);
+  int32_t *h_inputs = nullptr, *h_targets = nullptr;
+  uint8_t* h_mask = nullptr;
+  const size_t N = (size_t)o.B * o.T;
+  CUDA_CHECK(cudaMallocHost(&h_inputs, N * 4));
+  CUDA_CHECK(cudaMallocHost(&h_targets, N * 4));
+  CUDA_CHECK(cudaMallocHost(&h_mask, N));
+
+  if (bench) {
+    // Random tokens; each timed step = one micro-batch forward + backward + optimizer step.
+    Rng rng(o.seed);
+    for (size_t i = 0; i < N; i++) h_inputs[i] = (int)(rng.next() % m.V());
+    CUDA_CHECK(cudaMemcpy(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice));
+    auto step = [&]() {
+      adamw_zero_grad(&s.opt, st);
+      stage1_micro_batch(s, blas, m, a, true, st);
+      adamw_step(&s.opt, (float)lr_schedule_lr(s.sched, s.opt.step), 1.f, s.params_bf16, st);
+    };
+    for (int i = 0; i < 2; i++) step();
+    CUDA_CHECK(cudaDeviceSynchronize());
+    stage1_take_layer_mse(s, 1, st);
+    std::vector<float> ms;
+    GpuTimer timer;
+    for (int i = 0; i < o.bench_steps; i++) {
+      timer.start(st);
+      step();
+      ms.push_back(timer.stop_ms(st));
+    }
+    std::sort(ms.begin(), ms.end());
+    const float med = ms[ms.size() / 2];
+    const double loss = stage1_loss_of(stage1_take_layer_mse(s, o.bench_steps, st), o.mse_factor);
+    const double toks = N / (med / 1e3), tflops = flops_micro / (med / 1e3) / 1e12;
+    printf("bench stage1: B=%d T=%d  median %.2f ms  %.0f tokens/s  %.1f TFLOP/s  peak %.2f GiB  loss %.4f\n", o.B,
+           o.T, med, toks, tflops, peak_memory_gib(), loss);
+    printf("{\"bench\": \"stage1\", \"B\": %d, \"T\": %d, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tflops\": %.2f, "
+           "\"peak_gib\": %.3f, \"loss\": %.5f}\n", o.B, o.T, med, toks, tflops, peak_memory_gib(), loss);
+  } else {
+    if (train->vocab_size() != (uint32_t)m.V())
+      fatal("training shards have vocabulary %u but the model has %d", train->vocab_size(), m.V());
+    const uint64_t micro_per_epoch = train->steps_for_epochs(1);
+    const long long total_steps =
+        o.max_steps >= 0 ? o.max_steps : (long long)((train->steps_for_epochs(o.epochs) + o.grad_accum - 1) / o.grad_accum);
+    if (o.schedule == "cosine") s.sched.total_steps = total_steps;
+    std::string err = lr_schedule_validate(s.sched);
+    if (!err.empty()) fatal("%s", err.c_str());
+    if (!o.resume.empty()) {
+      Stage1CheckpointHeader hd = stage1_load(s, m, o.resume);
+      train->restore(hd.train_pos);
+      printf("resumed from %s at step %lld (%llu tokens seen, best val %.5f)\n", o.resume.c_str(),
+             (long long)s.opt.step, (unsigned long long)s.tokens_seen, s.best_val);
+    }
+    const std::string mkdir_cmd = "mkdir -p '" + o.out_dir + "'";
+    if (system(mkdir_cmd.c_str()) != 0) fatal("cannot create output directory '%s'", o.out_dir.c_str());
+    FILE* log = fopen(o.log_path.c_str(), o.resume.empty() ? "w" : "a");
+    if (!log) fatal("cannot open log file '%s' (%s)", o.log_path.c_str(), strerror(errno));
+    if (o.resume.empty())
+      fprintf(log, "{\"run\": {\"model\": \"%s\", \"data\": \"%s\", \"B\": %d, \"T\": %d, \"grad_accum\": %d, \"lr\": %g, "
+              "\"schedule\": \"%s\", \"geometry\": \"%s\", \"window\": %d, \"sinks\": %d, \"feature_dim\": %d, "
+              "\"seed\": %llu, \"total_steps\": %lld, \"params\": %zu}}\n",
+              o.model.c_str(), o.data_dir.c_str(), o.B, o.T, o.grad_accum, o.lr, o.schedule.c_str(),
+              o.geometry.c_str(), o.window, o.sinks, o.feature_dim, (unsigned long long)o.seed, total_steps, s.opt.n);
+    printf("stage 1: %d layers, %zu trained parameters, %llu train sequences (%llu micro-batches an epoch), "
+           "%llu val sequences, %lld optimizer steps of %d x %d x %d tokens\n",
+           s.L, s.opt.n, (unsigned long long)train->n_sequences(), (unsigned long long)micro_per_epoch,
+           (unsigned long long)val->n_sequences(), total_steps, o.grad_accum, o.B, o.T);
+    const std::string best_path = o.out_dir + "/stage1_best.ckpt", last_path = o.out_dir + "/stage1_last.ckpt";
+
+    auto evaluate = [&]() {
+      val->reset();
+      uint64_t batches = val->whole_steps_per_epoch();
+      if (o.val_batches > 0) batches = std::min<uint64_t>(batches, o.val_batches);
+      if (batches == 0) fatal("the validation split holds fewer than B = %d sequences", o.B);
+      for (uint64_t i = 0; i < batches; i++) {
+        val->next(h_inputs, h_targets, h_mask);
+        CUDA_CHECK(cudaMemcpyAsync(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice, st));
+        stage1_micro_batch(s, blas, m, a, false, st);
+      }
+      std::vector<double> lm = stage1_take_layer_mse(s, (int)batches, st);
+      const double v = stage1_loss_of(lm, o.mse_factor);
+      for (int l = 0; l < s.L; l++)
+        if (!std::isfinite(lm[l])) fatal("validation MSE of layer %d is %g at step %lld", l, lm[l], (long long)s.opt.step);
+      const bool improved = v < s.best_val;
+      if (improved) s.best_val = v;
+      const bool reduced = lr_schedule_on_eval(s.sched, v);
+      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"val_loss\": %.6g, \"best_val_loss\": %.6g, \"val_layer_mse\": %s}\n",
+              (long long)s.opt.step, (unsigned long long)s.tokens_seen, v, s.best_val, json_array(lm).c_str());
+      fflush(log);
+      printf("step %6lld | val loss %.5f (mean layer MSE %.3e)%s%s\n", (long long)s.opt.step, v, v / o.mse_factor,
+             improved ? " | best" : "", reduced ? " | lr reduced" : "");
+      stage1_save(s, m, train->position(), last_path);
+      if (improved) stage1_save(s, m, train->position(), best_path);
+    };
+
+    if (o.resume.empty()) evaluate();  // step 0: the identity-initialised maps
+    auto t_start = std::chrono::steady_clock::now();
+    const long long first_step = s.opt.step;
+    while (s.opt.step < total_steps) {
+      auto t0 = std::chrono::steady_clock::now();
+      adamw_zero_grad(&s.opt, st);
+      for (int micro = 0; micro < o.grad_accum; micro++) {
+        train->next(h_inputs, h_targets, h_mask);
+        CUDA_CHECK(cudaMemcpyAsync(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice, st));
+        stage1_micro_batch(s, blas, m, a, true, st);
+      }
+      const std::vector<double> lm = stage1_take_layer_mse(s, o.grad_accum, st);
+      for (int l = 0; l < s.L; l++)
+        if (!std::isfinite(lm[l]))
+          fatal("layer %d's MSE is %g at step %lld; stopping (last good checkpoint: %s)", l, lm[l],
+                (long long)s.opt.step + 1, last_path.c_str());
+      const GradNormResult gn = adamw_grad_norm(&s.opt, 1.f / o.grad_accum, st);
+      if (gn.nonfinite) {
+        std::vector<float> g = download_f32(s.opt.grad, s.opt.n);
+        size_t bad = 0;
+        while (bad < g.size() && std::isfinite(g[bad])) bad++;
+        fatal("non-finite feature-map gradient in layer %zu at step %lld; stopping (last good checkpoint: %s)",
+              bad / s.per_layer, (long long)s.opt.step + 1, last_path.c_str());
+      }
+      const double lr = lr_schedule_lr(s.sched, s.opt.step);
+      adamw_step(&s.opt, (float)lr, 1.f / o.grad_accum, s.params_bf16, st);
+      CUDA_CHECK(cudaStreamSynchronize(st));
+      s.tokens_seen += (uint64_t)o.grad_accum * N;
+      const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+      const double loss = stage1_loss_of(lm, o.mse_factor);
+      int worst = 0;
+      double mn = lm[0], mx = lm[0];
+      for (int l = 0; l < s.L; l++) {
+        if (lm[l] > mx) { mx = lm[l]; worst = l; }
+        mn = std::min(mn, lm[l]);
+      }
+      const double toks = o.grad_accum * N / dt, tflops = o.grad_accum * flops_micro / dt / 1e12;
+      const double eta = elapsed / (s.opt.step - first_step) * (total_steps - s.opt.step);
+      printf("step %6lld/%lld | loss %.5f | layer MSE min %.2e mean %.2e max %.2e (layer %d) | lr %.2e | %.0f tok/s | "
+             "MFU %.1f%% | %.1f GiB | ETA %s\n",
+             (long long)s.opt.step, total_steps, loss, mn, loss / o.mse_factor, mx, worst, lr, toks,
+             100.0 * tflops / device_peak_tflops(), peak_memory_gib(), fmt_duration(eta).c_str());
+      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+              "\"layer_mse_min\": %.6g, \"layer_mse_max\": %.6g, \"worst_layer\": %d, \"tokens_per_s\": %.1f, "
+              "\"tflops\": %.2f, \"peak_gib\": %.3f, \"elapsed_s\": %.2f}\n",
+              (long long)s.opt.step, (unsigned long long)s.tokens_seen, loss, lr, gn.norm, mn, mx, worst, toks, tflops,
+              peak_memory_gib(), elapsed);
+      fflush(log);
+      if (s.opt.step % o.eval_every == 0 || s.opt.step == total_steps) evaluate();
+      else if (o.save_every > 0 && s.opt.step % o.save_every == 0) stage1_save(s, m, train->position(), last_path);
+    }
+    fclose(log);
+    printf("done: best validation loss %.5f, checkpoint %s\n", s.best_val, best_path.c_str());
+  }
+  CUDA_CHECK(cudaFreeHost(h_inputs));
+  CUDA_CHECK(cudaFreeHost(h_targets));
+  CUDA_CHECK(cudaFreeHost(h_mask));
+  stage1_destroy(s);
+  llama_acts_free(a);
 }
 
 int main(int argc, char** argv) {
