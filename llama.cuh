@@ -203,11 +203,11 @@ __device__ inline float hash_normal(uint64_t seed, uint64_t i) {
   float u1 = ((a >> 40) + 1.f) * (1.f / 16777217.f), u2 = (b >> 40) * (1.f / 16777216.f);
   return sqrtf(-2.f * __logf(u1)) * __cosf(6.2831853f * u2);
 }
-__global__ void fill_normal_kernel(bf16* p, size_t n, float stddev, uint64_t seed) {
+static __global__ void fill_normal_kernel(bf16* p, size_t n, float stddev, uint64_t seed) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     p[i] = __float2bfloat16(stddev * hash_normal(seed, i));
 }
-__global__ void fill_const_kernel(bf16* p, size_t n, float v) {
+static __global__ void fill_const_kernel(bf16* p, size_t n, float v) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
     p[i] = __float2bfloat16(v);
 }
@@ -304,7 +304,7 @@ inline void llama_acts_free(LlamaActs& a) {
 // Kernels.
 
 // x (N, D) = embed[tokens]; 16-byte copies.
-__global__ void embedding_kernel(bf16* __restrict__ x, const int* __restrict__ tokens, const bf16* __restrict__ embed,
+static __global__ void embedding_kernel(bf16* __restrict__ x, const int* __restrict__ tokens, const bf16* __restrict__ embed,
                                  int N, int D) {
   const int vec = D / 8;  // D is a multiple of 8 (checked at launch)
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)N * vec;
@@ -315,7 +315,7 @@ __global__ void embedding_kernel(bf16* __restrict__ x, const int* __restrict__ t
 }
 
 // out (N, D) = x * rsqrt(mean(x^2) + eps) * w. One warp per row, fp32 statistics.
-__global__ void rmsnorm_kernel(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w, int N,
+static __global__ void rmsnorm_kernel(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w, int N,
                                int D, float eps) {
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.x * warps + threadIdx.x / 32;
@@ -345,7 +345,7 @@ __global__ void rmsnorm_kernel(bf16* __restrict__ out, const bf16* __restrict__ 
 
 // Split the fused projection qkv (B, T, Q + 2 KV) into q (B, T, H, hd), k, v (B, T, Hkv, hd), applying
 // rotate-half RoPE to q and k. One thread per rotation pair (or per v element pair).
-__global__ void rope_split_kernel(bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
+static __global__ void rope_split_kernel(bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
                                   const bf16* __restrict__ qkv, const float* __restrict__ cos_t,
                                   const float* __restrict__ sin_t, int N, int T, int H, int Hkv, int hd) {
   const int half = hd / 2, heads = H + 2 * Hkv, row_len = heads * hd;
@@ -375,7 +375,7 @@ __global__ void rope_split_kernel(bf16* __restrict__ q, bf16* __restrict__ k, bf
 }
 
 // hmlp (N, F) = silu(gate) * up from gu (N, 2F).
-__global__ void swiglu_kernel(bf16* __restrict__ hmlp, const bf16* __restrict__ gu, int N, int F) {
+static __global__ void swiglu_kernel(bf16* __restrict__ hmlp, const bf16* __restrict__ gu, int N, int F) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)N * F;
        i += (long long)gridDim.x * blockDim.x) {
     const long long n = i / F, c = i % F;
@@ -386,7 +386,7 @@ __global__ void swiglu_kernel(bf16* __restrict__ hmlp, const bf16* __restrict__ 
 
 // One vocabulary chunk [v0, v0 + Vc) of logits (N, Vc): fold it into each row's running max / sum of
 // exponentials (online softmax), and pick up the target logit if the target falls in this chunk.
-__global__ void ce_chunk_kernel(const float* __restrict__ logits, int Vc, int v0, const int* __restrict__ targets,
+static __global__ void ce_chunk_kernel(const float* __restrict__ logits, int Vc, int v0, const int* __restrict__ targets,
                                 float* run_max, float* run_sum, float* tgt_logit, int first_chunk) {
   const int row = blockIdx.x;
   const float* lr = logits + (size_t)row * Vc;
@@ -425,7 +425,7 @@ __global__ void ce_chunk_kernel(const float* __restrict__ logits, int Vc, int v0
   }
 }
 
-__global__ void ce_finish_kernel(float* nll, const float* run_max, const float* run_sum, const float* tgt_logit,
+static __global__ void ce_finish_kernel(float* nll, const float* run_max, const float* run_sum, const float* tgt_logit,
                                  const int* targets, int N) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < N) nll[i] = targets[i] >= 0 ? logf(run_sum[i]) + run_max[i] - tgt_logit[i] : 0.f;
