@@ -48,7 +48,17 @@ $(BUILD)/fixtures/%.bin: test/fixtures/% scripts/export.py
 $(BUILD)/fixtures/stories260k.bin: $(SHARED)/models/stories260K.bin scripts/export.py
 	@mkdir -p $(dir $@)
 	$(PYTHON) scripts/export.py llama2c $< $@ --dtype fp32 --quiet
-fixtures: $(FIXTURE_BINS) $(BUILD)/fixtures/stories260k.bin
+# Tokenizers exported from the real files that scripts/fetch_assets.sh unpacks into assets/.
+$(BUILD)/tokenizer/llama3.tok: assets/llama3_tokenizer.model scripts/export_tokenizer.py scripts/lolcats_tokenizer.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) scripts/export_tokenizer.py llama3 $< $@ --quiet
+$(BUILD)/tokenizer/smollm2.tok: assets/SmolLM2-135M-Instruct.Q4_1.gguf scripts/export_tokenizer.py scripts/gguf_reader.py
+	@mkdir -p $(dir $@)
+	$(PYTHON) scripts/export_tokenizer.py gguf $< $@ --quiet
+TOKENIZERS = $(if $(wildcard assets/llama3_tokenizer.model),$(BUILD)/tokenizer/llama3.tok) \
+             $(if $(wildcard assets/SmolLM2-135M-Instruct.Q4_1.gguf),$(BUILD)/tokenizer/smollm2.tok)
+
+fixtures: $(FIXTURE_BINS) $(BUILD)/fixtures/stories260k.bin $(TOKENIZERS)
 
 $(BUILD)/test/%.o: test/%.cpp $(HEADERS)
 	@mkdir -p $(dir $@)
