@@ -198,30 +198,41 @@ inline void stage1_save(const Stage1& s, const LlamaModel& m, const LoaderPositi
   commit_tmp_file(f, tmp, path);
 }
 
-// Read and validate a checkpoint against this model and these hybrid settings; loads the state.
-inline Stage1CheckpointHeader stage1_load(Stage1& s, const LlamaModel& m, const std::string& path) {
+// Read a checkpoint's header and check it against a model header (host only: the CLI calls this
+// before touching the GPU, so a checkpoint of another model is refused at once).
+inline Stage1CheckpointHeader stage1_read_header(const std::string& path, const ModelHeader& mh, long long* size_out) {
   FILE* f = open_or_die(path, "rb");
   const long long size = file_size_or_die(f, path);
   std::vector<char> block(1024);
   if (size < 1024) fatal("checkpoint '%s' is truncated (%lld bytes)", path.c_str(), size);
   read_or_die(block.data(), 1024, f, path, "the checkpoint header");
+  fclose(f);
   Stage1CheckpointHeader hd;
   memcpy(&hd, block.data(), sizeof hd);
   if (memcmp(hd.magic, kStage1Magic, 8) != 0) fatal("'%s' is not a stage-1 checkpoint (bad magic)", path.c_str());
   if (hd.version != kStage1Version) fatal("checkpoint '%s' has version %u, expected %u", path.c_str(), hd.version, kStage1Version);
-  if (hd.n_layers != m.h.n_layers || hd.n_heads != m.h.n_heads || hd.n_kv_heads != m.h.n_kv_heads ||
-      hd.head_dim != m.h.head_dim || hd.dim != m.h.dim || hd.vocab_size != m.h.vocab_size)
+  if (hd.n_layers != mh.n_layers || hd.n_heads != mh.n_heads || hd.n_kv_heads != mh.n_kv_heads ||
+      hd.head_dim != mh.head_dim || hd.dim != mh.dim || hd.vocab_size != mh.vocab_size)
     fatal("checkpoint '%s' is from another model (%u layers, %u heads, dim %u, vocab %u; this one has %u, %u, %u, %u)",
-          path.c_str(), hd.n_layers, hd.n_heads, hd.dim, hd.vocab_size, m.h.n_layers, m.h.n_heads, m.h.dim, m.h.vocab_size);
+          path.c_str(), hd.n_layers, hd.n_heads, hd.dim, hd.vocab_size, mh.n_layers, mh.n_heads, mh.dim, mh.vocab_size);
+  if (size != 1024 + 3 * (long long)hd.n_params * 4)
+    fatal("checkpoint '%s' has %lld bytes, expected %lld (truncated or corrupt)", path.c_str(), size,
+          1024 + 3 * (long long)hd.n_params * 4);
+  if (size_out) *size_out = size;
+  return hd;
+}
+
+// Load a checkpoint into the trained state (validated against this model and these hybrid settings).
+inline Stage1CheckpointHeader stage1_load(Stage1& s, const LlamaModel& m, const std::string& path) {
+  Stage1CheckpointHeader hd = stage1_read_header(path, m.h, nullptr);
   if ((int)hd.feature_dim != s.hp.f || (int)hd.window != s.hp.window || (int)hd.geometry != s.hp.geometry ||
       (int)hd.sinks != s.hp.sinks)
     fatal("checkpoint '%s' was trained with other hybrid settings (f %u, window %u, geometry %u, sinks %u)", path.c_str(),
           hd.feature_dim, hd.window, hd.geometry, hd.sinks);
   if (hd.n_params != s.opt.n) fatal("checkpoint '%s' holds %llu parameters, expected %zu", path.c_str(),
                                     (unsigned long long)hd.n_params, s.opt.n);
-  if (size != 1024 + 3 * (long long)hd.n_params * 4)
-    fatal("checkpoint '%s' has %lld bytes, expected %lld (truncated or corrupt)", path.c_str(), size,
-          1024 + 3 * (long long)hd.n_params * 4);
+  FILE* f = open_or_die(path, "rb");
+  if (fseeko(f, 1024, SEEK_SET) != 0) fatal("cannot seek in '%s'", path.c_str());
   std::string err = lr_schedule_validate(hd.schedule);
   if (!err.empty()) fatal("checkpoint '%s': %s", path.c_str(), err.c_str());
   std::vector<float> master(hd.n_params), mom(hd.n_params), vel(hd.n_params);

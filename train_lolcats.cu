@@ -279,6 +279,7 @@ static void stage1_check_inputs(const Options& o, const ModelHeader& h) {
       fatal("shards in '%s' hold %u-token sequences but -t is %d (pass -t %u or re-run the preparer)",
             o.data_dir.c_str(), first.header().seq_len, o.T, first.header().seq_len);
   }
+  if (!o.resume.empty()) stage1_read_header(o.resume, h, nullptr);
   if (o.window != HYBRID_WINDOW) fatal("--window %d is not supported by the kernels (only %d)", o.window, HYBRID_WINDOW);
   if (o.sinks > HYBRID_MAX_SINKS) fatal("--sinks %d exceeds the kernels' maximum %d", o.sinks, HYBRID_MAX_SINKS);
   if (o.T <= 2 * o.window && o.geometry == "terrace")

@@ -91,3 +91,66 @@ TEST(Cli, MissingEvalFile) {
   expect_one_line_error("-m " + p + " -t 64 --eval-ppl /nonexistent/shard.bin", "/nonexistent/shard.bin");
 }
 TEST(Cli, NoDataDirForStage1) { expect_one_line_error("-m tiny -t 64", "no data directory"); }
+
+namespace {
+
+// A shard directory with one train and one val shard of `vocab` and 64-token sequences.
+std::string write_shards(const std::string& name, uint32_t vocab) {
+  std::string dir = temp_path(name);
+  std::string cmd = "rm -rf '" + dir + "' && mkdir -p '" + dir + "'";
+  if (system(cmd.c_str()) != 0) return dir;
+  for (const char* split : {"train", "val"}) {
+    std::string path = dir + "/x_" + split + "_0000.bin";
+    FILE* f = fopen(path.c_str(), "wb");
+    unsigned char hdr[64] = {0};
+    const uint64_t n = 128;
+    const int32_t bos = 1, eos = 2;
+    const uint32_t version = 1, flags = 0, seq_len = 64;
+    memcpy(hdr, "LOLCTOK1", 8);
+    memcpy(hdr + 8, &version, 4);
+    memcpy(hdr + 12, &vocab, 4);
+    memcpy(hdr + 16, &n, 8);
+    memcpy(hdr + 24, &flags, 4);
+    memcpy(hdr + 28, &bos, 4);
+    memcpy(hdr + 32, &eos, 4);
+    memcpy(hdr + 36, &seq_len, 4);
+    fwrite(hdr, 1, 64, f);
+    for (uint32_t i = 0; i < n; i++) { uint32_t t = (i * 7) % vocab; fwrite(&t, 4, 1, f); }
+    fclose(f);
+  }
+  return dir;
+}
+
+}  // namespace
+
+TEST(Cli, EmptyShardDirectory) {
+  std::string p = write_model("ok2.bin");
+  std::string dir = temp_path("empty_dir");
+  std::string cmd = "rm -rf '" + dir + "' && mkdir -p '" + dir + "'";
+  ASSERT_EQ(system(cmd.c_str()), 0);
+  expect_one_line_error("-m " + p + " -t 64 -i " + dir, "no train shards in");
+}
+TEST(Cli, ShardVocabularyMismatch) {
+  std::string p = write_model("ok3.bin");  // vocabulary 64
+  std::string dir = write_shards("shards_v259", 259);
+  expect_one_line_error("-m " + p + " -t 64 -i " + dir, "vocabulary 259 but the model has 64");
+}
+TEST(Cli, ShardLengthMismatch) {
+  std::string p = write_model("ok4.bin");
+  std::string dir = write_shards("shards_v64", 64);
+  expect_one_line_error("-m " + p + " -t 32 -i " + dir, "hold 64-token sequences but -t is 32");
+}
+TEST(Cli, CheckpointFromAnotherModel) {
+  std::string p = write_model("ok5.bin");  // 1 layer, 2 heads, dim 16
+  std::string dir = write_shards("shards_ck", 64);
+  // A checkpoint header of a 2-layer model (the rest of the file is irrelevant: refused on the header).
+  std::string ck = temp_path("other.ckpt");
+  FILE* f = fopen(ck.c_str(), "wb");
+  std::vector<unsigned char> block(1024, 0);
+  memcpy(block.data(), "LOLCS1CK", 8);
+  const uint32_t fields[7] = {1, 2, 2, 1, 8, 16, 64};  // version, layers, heads, kv heads, head_dim, dim, vocab
+  memcpy(block.data() + 8, fields, sizeof fields);
+  fwrite(block.data(), 1, block.size(), f);
+  fclose(f);
+  expect_one_line_error("-m " + p + " -t 64 -i " + dir + " --resume " + ck, "is from another model");
+}
