@@ -1,4 +1,2418 @@
 // hybrid_attention.cuh: the LoLCATs hybrid attention (sliding-window softmax + Hedgehog linear
-// attention), forward and backward, chunked and linear in T. (to be written)
+// attention), forward and backward, chunked and linear in T. The function is exactly the one of
+// ../shared/LOLCATS.md §1; reference/hybrid_ref.h is its CPU oracle (the O(T^2) formula).
+//
+// @@ALGORITHM@@
 #pragma once
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
 #include "cuda_common.cuh"
+
+// ================================================================================================
+// Public API
+// ================================================================================================
+
+enum HybridGeometry { HYBRID_TERRACE = 0, HYBRID_SLIDING = 1 };
+
+constexpr int HYBRID_WINDOW = 64;     // the only window the kernels support (it is also the chunk)
+constexpr int HYBRID_MAX_SINKS = 16;  // sink positions the kernels support
+constexpr int HYBRID_MAX_F = 64;      // feature-map width per half
+
+struct HybridAttnParams {
+  int B = 1, T = 1, H = 1, Hkv = 1;  // batch, positions, query heads, kv heads (H % Hkv == 0)
+  int d = 128;                       // head dim: 8, 16, 32, 64 or 128
+  int f = 64;                        // feature-map width per half (phi has 2f entries), 1..64
+  int window = HYBRID_WINDOW;        // softmax window w; must be 64
+  int geometry = HYBRID_TERRACE;     // HYBRID_TERRACE (training default) or HYBRID_SLIDING
+  int sinks = 0;                     // the first `sinks` positions are always softmax keys, 0..16
+  int seg_chunks = 0;                // fast path: chunks walked by one thread block (0 = default 16);
+                                     // tests set it small to exercise the segment prefixes
+};
+
+// Feature maps and window factors as the kernels read them (the optimizer keeps fp32 masters).
+struct HybridAttnWeights {
+  const bf16* Wq = nullptr;    // (H, d, f) query maps, per query head
+  const bf16* Wk = nullptr;    // (H, d, f) key maps, per QUERY head (applied after the GQA repeat)
+  const float* w = nullptr;    // (H) window-factor logits: gamma_h = sigmoid(w_h)
+};
+
+// What the forward leaves for the backward (per layer; keep it until that layer's backward).
+// Carve it from one allocation of hybrid_saved_bytes() with hybrid_saved_carve().
+struct HybridAttnSaved {
+  float* row_max = nullptr;    // (B, T, H) m_i: max of the scaled scores over the softmax keys
+  float* row_den = nullptr;    // (B, T, H) the denominator sum A + sum B
+  int* row_argmax = nullptr;   // (B, T, H) position of the softmax key that attains m_i
+  float* row_delta = nullptr;  // (B, T, H) dy_i . y_i / den_i (stage-1 forward, or the backward)
+  float* row_wgrad = nullptr;  // (B, T, H) sum_j A_ij dA_ij (stage-1 forward, or the backward)
+  bf16* dy = nullptr;          // (B, T, H, d) dL/dy written by the stage-1 forward (null if unused)
+  bf16* y_lo = nullptr;        // (B, T, H, d) optional: y_fp32 - bf16(y), the output's rounding residual.
+                               // With it an unfused backward forms delta from the fp32 output; without it
+                               // from the bf16 one (flash attention's convention), which leaves dw (a sum of
+                               // cancelling terms) with percent-level noise. Stage 1 never needs it.
+};
+
+// The stage-1 loss fused into the forward: MSE(y, y_true) over all B*T*H*d elements.
+struct HybridStage1Loss {
+  const bf16* y_true = nullptr;  // (B, T, H, d) the teacher's attention output
+  float grad_scale = 1.0f;       // the backward gets dy = grad_scale * dMSE/dy (e.g. 1000 / n_layers)
+  float* mse = nullptr;          // (1) += the MSE of this call (unscaled)
+};
+
+// Gradients. dWq, dWk, dw are ACCUMULATED (+=, fp32: gradient accumulation over micro-batches);
+// dq, dk, dv (bf16) are written when not null (stage 2) and skipped, with their work, when null.
+struct HybridAttnGrads {
+  float* dWq = nullptr;  // (H, d, f)
+  float* dWk = nullptr;  // (H, d, f)
+  float* dw = nullptr;   // (H)
+  bf16* dq = nullptr;    // (B, T, H, d)
+  bf16* dk = nullptr;    // (B, T, Hkv, d)
+  bf16* dv = nullptr;    // (B, T, Hkv, d)
+};
+
+// Checks the shapes (one-line fatal error on bad input).
+inline void hybrid_check_params(const HybridAttnParams& p);
+// Bytes of the per-layer saved state; with_dy: room for the stage-1 dy (B, T, H, d); with_ylo: for y_lo.
+inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
+inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
+// Bytes of scratch one forward + backward needs (shared by all layers; allocate once for the largest shape).
+inline size_t hybrid_workspace_bytes(const HybridAttnParams& p);
+
+// y (B, T, H, d) = hybrid attention of q (B, T, H, d), k, v (B, T, Hkv, d). With `loss` it also adds the
+// MSE against loss->y_true to *loss->mse and leaves dy, delta and the window-factor terms in `saved`, so
+// the backward needs no dy (stage 1).
+inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
+                                     const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved,
+                                     void* workspace, const HybridStage1Loss* loss, cudaStream_t stream);
+
+// Backward of the forward that filled `saved`. dy (B, T, H, d) is the upstream gradient and y the forward's
+// output; pass dy = nullptr (and y = nullptr) after a stage-1 forward: then the fused dy is used.
+inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
+                                      const HybridAttnWeights& wts, const bf16* y, const bf16* dy,
+                                      const HybridAttnSaved& saved, void* workspace, const HybridAttnGrads& grads,
+                                      cudaStream_t stream);
+
+// Which implementation runs these shapes: the tensor-core kernels (d 64 or 128, f 64) or the plain ones.
+inline bool hybrid_uses_fast_path(const HybridAttnParams& p) { return (p.d == 64 || p.d == 128) && p.f == 64; }
+
+// ================================================================================================
+// Implementation
+// ================================================================================================
+namespace hybrid_detail {
+
+constexpr int CHUNK = 64;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float PHI_FLOOR = 1e-12f;  // the reference clamps feature values at this floor
+
+// ---- device primitives ------------------------------------------------------------------------
+// Tensor-core fragments (mma.sync m16n8k16 bf16/f16, m16n8k8 tf32), ldmatrix, cp.async. Fragment
+// layouts (PTX ISA), with g = lane / 4 and t = lane % 4:
+//   A 16x16 (4 regs of 2 x 16 bit): r0 (row g, cols 2t..2t+1), r1 (row g+8), r2 (row g, cols 8+2t..),
+//     r3 (row g+8, cols 8+2t..);  B 16x8 (2 regs): r0 (rows 2t..2t+1, col g), r1 (rows 8+2t.., col g);
+//   C 16x8 fp32 (4 regs): c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8, same cols).
+//   tf32 A 16x8: a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);  tf32 B 8x8: b0 (t, g), b1 (t+4, g).
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+               "{%8, %9}, {%0, %1, %2, %3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+// 16-byte global -> shared copy without a register round trip; valid = false fills zeros.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// ---- end device primitives --------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 t = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&t);
+}
+__device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
+  __half2 t = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&t);
+}
+__device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+__device__ __forceinline__ float f16_bits_to_float(unsigned short bits) {
+  __half_raw r;
+  r.x = bits;
+  return __half2float(__half(r));
+}
+__device__ __forceinline__ float f16_lo(uint32_t u) { return f16_bits_to_float((unsigned short)(u & 0xffff)); }
+__device__ __forceinline__ float f16_hi(uint32_t u) { return f16_bits_to_float((unsigned short)(u >> 16)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+// Sum / max over the 4 lanes of a quad (the lanes that share a row of an mma fragment).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_min(float v) {
+  v = fminf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fminf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// Everything a kernel needs about one call, passed by value.
+struct Shape {
+  int B, T, H, Hkv, group, d, f, geometry, sinks, NC;
+  float scale;  // 1 / sqrt(d)
+};
+inline Shape make_shape(const HybridAttnParams& p) {
+  Shape s;
+  s.B = p.B; s.T = p.T; s.H = p.H; s.Hkv = p.Hkv; s.group = p.H / p.Hkv; s.d = p.d; s.f = p.f;
+  s.geometry = p.geometry; s.sinks = p.sinks; s.NC = ceil_div(p.T, CHUNK);
+  s.scale = 1.0f / sqrtf((float)p.d);
+  return s;
+}
+__host__ __device__ __forceinline__ size_t row_index(const Shape& s, int b, int t, int h) {
+  return ((size_t)b * s.T + t) * s.H + h;
+}
+__host__ __device__ __forceinline__ size_t kv_index(const Shape& s, int b, int t, int hk) {
+  return ((size_t)b * s.T + t) * s.Hkv + hk;
+}
+
+// The softmax keys of query i (besides the sinks): [window_lo, i]. Terrace: from the start of the
+// previous chunk; sliding: the last w positions.
+__device__ __forceinline__ int window_lo(const Shape& s, int i) {
+  return s.geometry == HYBRID_TERRACE ? max(0, (i / CHUNK - 1) * CHUNK) : max(0, i - CHUNK + 1);
+}
+
+// ---- small kernels shared by both paths -------------------------------------------------------
+
+// delta_i = dy_i . y_i / den_i, one warp per (b, t, h) row.
+__global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__ dy, const bf16* __restrict__ y,
+                             const bf16* __restrict__ y_lo, const float* __restrict__ den, size_t rows, int d) {
+  const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float acc = 0.0f;
+  for (int c = lane; c < d; c += 32) {
+    const float yv = __bfloat162float(y[row * d + c]) + (y_lo ? __bfloat162float(y_lo[row * d + c]) : 0.0f);
+    acc += __bfloat162float(dy[row * d + c]) * yv;
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) delta[row] = acc / den[row];
+}
+
+// dw_h += (1 - gamma_h) * sum over (b, t) of row_wgrad; one block per head, fixed order (deterministic).
+__global__ void window_grad_kernel(float* __restrict__ dw, const float* __restrict__ row_wgrad,
+                                   const float* __restrict__ wlogit, int BT, int H) {
+  const int h = blockIdx.x;
+  __shared__ float partial[32];
+  float acc = 0.0f;
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) acc += row_wgrad[(size_t)r * H + h];
+  acc = warp_sum(acc);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / 32; w++) total += partial[w];
+    dw[h] += (1.0f - sigmoidf_(wlogit[h])) * total;
+  }
+}
+
+// *out += sum(x[0..n)) * scale, one block, fixed order (deterministic).
+__global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict__ x, size_t n, float scale) {
+  __shared__ float partial[32];
+  float acc = 0.0f;
+  for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
+  acc = warp_sum(acc);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / 32; w++) total += partial[w];
+    *out += total * scale;
+  }
+}
+
+__global__ void f32_to_bf16_kernel(bf16* __restrict__ out, const float* __restrict__ in, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16(in[i]);
+}
+
+// Gradients of the sink keys (positions < sinks) from the query chunks >= 2, where they form a tile of
+// their own (in chunks 0 and 1 they are ordinary window keys, handled by the key-side kernels).
+// One block per (query chunk, h, b), one warp per sink key; atomics into the fp32 dk/dv accumulators.
+__global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restrict__ dv_acc, const bf16* __restrict__ q,
+                                    const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dy,
+                                    const float* __restrict__ wlogit, HybridAttnSaved sv, const float* __restrict__ dm,
+                                    Shape s) {
+  const int qc = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  if (qc < 2) return;
+  const float gamma = sigmoidf_(wlogit[h]);
+  for (int j = warp; j < s.sinks; j += nwarps) {
+    float kj[4], vj[4], dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0};
+    for (int u = 0; u < 4; u++) {
+      const int c = lane + 32 * u;
+      kj[u] = c < s.d ? __bfloat162float(k[kv_index(s, b, j, hk) * s.d + c]) : 0.0f;
+      vj[u] = c < s.d ? __bfloat162float(v[kv_index(s, b, j, hk) * s.d + c]) : 0.0f;
+    }
+    for (int i = qc * CHUNK; i < min(s.T, (qc + 1) * CHUNK); i++) {
+      const size_t r = row_index(s, b, i, h);
+      float qi[4], gi[4], sdot = 0.0f, gv = 0.0f;
+      const float inv_den = 1.0f / sv.row_den[r];
+      for (int u = 0; u < 4; u++) {
+        const int c = lane + 32 * u;
+        qi[u] = c < s.d ? __bfloat162float(q[r * s.d + c]) : 0.0f;
+        gi[u] = c < s.d ? __bfloat162float(dy[r * s.d + c]) * inv_den : 0.0f;
+        sdot += qi[u] * kj[u];
+        gv += gi[u] * vj[u];
+      }
+      sdot = warp_sum(sdot) * s.scale;
+      gv = warp_sum(gv);
+      const float A = gamma * expf(sdot - sv.row_max[r]);
+      float ds = A * (gv - sv.row_delta[r]);
+      if (sv.row_argmax[r] == j) ds += dm[r];
+      for (int u = 0; u < 4; u++) {
+        dk[u] += ds * s.scale * qi[u];
+        dv[u] += A * gi[u];
+      }
+    }
+    for (int u = 0; u < 4; u++) {
+      const int c = lane + 32 * u;
+      if (c < s.d) {
+        atomicAdd(&dk_acc[kv_index(s, b, j, hk) * s.d + c], dk[u]);
+        atomicAdd(&dv_acc[kv_index(s, b, j, hk) * s.d + c], dv[u]);
+      }
+    }
+  }
+}
+
+// ================================================================================================
+// Generic path: plain fp32 CUDA-core kernels for any d <= 128, f <= 64. Simple and chunked (linear in
+// T, per-chunk states materialised), not fast. It is also the "simple correct version" of the kernel lab.
+// ================================================================================================
+
+// phi (B, T, H, 2f) fp32 of the rows of x (B, T, Hx, d) with W (H, d, f): one warp per (b, t, h).
+// For keys Hx = Hkv and query head h reads kv head h / group (the maps are per query head).
+__global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* __restrict__ x,
+                                           const bf16* __restrict__ W, Shape s, int Hx) {
+  const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b, t, h)
+  const int lane = threadIdx.x % 32;
+  if (row >= (size_t)s.B * s.T * s.H) return;
+  const int h = (int)(row % s.H);
+  const size_t bt = row / s.H;
+  const bf16* xr = x + (bt * Hx + (Hx == s.H ? h : h / s.group)) * s.d;
+  const bf16* Wh = W + (size_t)h * s.d * s.f;
+  float u[2] = {0.0f, 0.0f};
+  for (int c = 0; c < s.d; c++) {
+    const float xc = __bfloat162float(xr[c]);
+    for (int e = 0; e < 2; e++) {
+      const int j = lane + 32 * e;
+      if (j < s.f) u[e] += xc * __bfloat162float(Wh[(size_t)c * s.f + j]);
+    }
+  }
+  float mx = -INFINITY, mn = INFINITY;
+  for (int e = 0; e < 2; e++)
+    if (lane + 32 * e < s.f) { mx = fmaxf(mx, u[e]); mn = fminf(mn, u[e]); }
+  mx = warp_max(mx);
+  mn = -warp_max(-mn);
+  float ep[2], em[2], sp = 0.0f, sm = 0.0f;
+  for (int e = 0; e < 2; e++) {
+    const bool ok = lane + 32 * e < s.f;
+    ep[e] = ok ? expf(u[e] - mx) : 0.0f;
+    em[e] = ok ? expf(mn - u[e]) : 0.0f;
+    sp += ep[e];
+    sm += em[e];
+  }
+  sp = warp_sum(sp);
+  sm = warp_sum(sm);
+  float* out = phi + row * 2 * s.f;
+  for (int e = 0; e < 2; e++) {
+    const int j = lane + 32 * e;
+    if (j < s.f) {
+      out[j] = fmaxf(ep[e] / sp, PHI_FLOOR);
+      out[s.f + j] = fmaxf(em[e] / sm, PHI_FLOOR);
+    }
+  }
+}
+
+// Per-chunk sums. KEYS: S_c[e][col] = sum phi_k[j][e] v_j[col], z_c[e] = sum phi_k[j][e] over the keys of
+// chunk c (sinks excluded). QUERIES: R_c[e][col] = sum phi_q[i][e] dy_i[col] / den_i, r_c[e] = sum
+// phi_q[i][e] delta_i. St (B, H, NC, 2f, d), zt (B, H, NC, 2f). One block per (c, h, b).
+template <bool KEYS>
+__global__ void generic_chunk_sum_kernel(float* __restrict__ St, float* __restrict__ zt, const float* __restrict__ phi,
+                                         const bf16* __restrict__ y, const float* __restrict__ den,
+                                         const float* __restrict__ delta, Shape s) {
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int F2 = 2 * s.f;
+  const size_t base = (((size_t)b * s.H + h) * s.NC + c) * F2;
+  const int r0 = c * CHUNK, r1 = min(s.T, r0 + CHUNK);
+  for (int idx = threadIdx.x; idx < F2 * (s.d + 1); idx += blockDim.x) {
+    const int e = idx / (s.d + 1), col = idx % (s.d + 1);  // col == d: the z / r column
+    float acc = 0.0f;
+    for (int r = r0; r < r1; r++) {
+      if (KEYS && r < s.sinks) continue;
+      const size_t ri = row_index(s, b, r, h);
+      const float ph = phi[ri * F2 + e];
+      if (col == s.d) {
+        acc += KEYS ? ph : ph * delta[ri];
+      } else {
+        const float yv = KEYS ? __bfloat162float(y[kv_index(s, b, r, hk) * s.d + col])
+                              : __bfloat162float(y[ri * s.d + col]) / den[ri];
+        acc += ph * yv;
+      }
+    }
+    if (col == s.d) zt[base + e] = acc;
+    else St[(base + e) * s.d + col] = acc;
+  }
+}
+
+// In-place prefix over chunks of the per-chunk sums: FORWARD (keys): chunk c gets the sum over chunks
+// <= c-2 (the linear region of a query in chunk c); backward (queries): key chunk c gets the sum over
+// query chunks >= c+2. One thread per (b, h, element).
+template <bool FORWARD>
+__global__ void generic_chunk_scan_kernel(float* __restrict__ St, float* __restrict__ zt, Shape s) {
+  const int F2 = 2 * s.f, per = F2 * (s.d + 1);
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)s.B * s.H * per) return;
+  const size_t bh = idx / per;
+  const int el = (int)(idx % per), e = el / (s.d + 1), col = el % (s.d + 1);
+  auto at = [&](int c) -> float& {
+    const size_t base = (bh * s.NC + c) * F2 + e;
+    return col == s.d ? zt[base] : St[base * s.d + col];
+  };
+  float acc = 0.0f, prev = 0.0f;  // acc: sum of chunks two or more steps back; prev: the last one
+  for (int n = 0; n < s.NC; n++) {
+    const int c = FORWARD ? n : s.NC - 1 - n;
+    const float cur = at(c);
+    at(c) = acc;
+    acc += prev;
+    prev = cur;
+  }
+}
+
+// Forward, one warp per query row (4 warps, a block per (chunk, h, b)).
+struct GenericFwdArgs {
+  bf16* y;
+  const bf16 *q, *k, *v, *y_true;
+  const float *phiq, *phik, *St, *zt, *wlogit;
+  HybridAttnSaved sv;
+  float* row_sq;  // (B, T, H) squared error of the row (stage 1)
+  float grad_scale, inv_n;
+  Shape s;
+};
+constexpr int GEN_MAX_WIN = HYBRID_MAX_SINKS + 2 * CHUNK;  // softmax keys of one query at most
+
+__global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdArgs a) {
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
+  __shared__ float s_q[4][128], s_phi[4][128], s_w[4][GEN_MAX_WIN], s_bl[4][CHUNK];
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t state = ((size_t)b * s.H + h) * s.NC + c;
+  for (int rr = warp; rr < CHUNK; rr += 4) {
+    const int i = c * CHUNK + rr;
+    if (i >= s.T) break;
+    const size_t ri = row_index(s, b, i, h);
+    for (int e = lane; e < 128; e += 32) {
+      s_q[warp][e] = e < s.d ? __bfloat162float(a.q[ri * s.d + e]) : 0.0f;
+      s_phi[warp][e] = e < F2 ? a.phiq[ri * F2 + e] : 0.0f;
+    }
+    __syncwarp();
+    const int lo = window_lo(s, i), n_sink = min(s.sinks, lo), nw = n_sink + (i - lo + 1);
+    auto key = [&](int kk) { return kk < n_sink ? kk : lo + kk - n_sink; };
+    // Scores of the softmax keys; the max and the key attaining it (ties: the earlier key).
+    float m = -INFINITY;
+    int arg = 0x7fffffff;
+    for (int kk = lane; kk < nw; kk += 32) {
+      const int j = key(kk);
+      const bf16* kr = a.k + kv_index(s, b, j, hk) * s.d;
+      float acc = 0.0f;
+      for (int e = 0; e < s.d; e++) acc += s_q[warp][e] * __bfloat162float(kr[e]);
+      acc *= s.scale;
+      s_w[warp][kk] = acc;
+      if (acc > m || (acc == m && j < arg)) { m = acc; arg = j; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const int a2 = __shfl_xor_sync(0xffffffffu, arg, o);
+      if (m2 > m || (m2 == m && a2 < arg)) { m = m2; arg = a2; }
+    }
+    __syncwarp();
+    float sumA = 0.0f;
+    for (int kk = lane; kk < nw; kk += 32) {
+      const float A = gamma * expf(s_w[warp][kk] - m);
+      s_w[warp][kk] = A;
+      sumA += A;
+    }
+    sumA = warp_sum(sumA);
+    // Sliding: the part of chunk c-1 at or before i - w is linear (quadratic here, the rest is in the state).
+    const int jl0 = max((c - 1) * CHUNK, s.sinks);
+    const int nl = (s.geometry == HYBRID_SLIDING && c >= 1) ? max(0, i - CHUNK - jl0 + 1) : 0;
+    float sumB = 0.0f;
+    for (int kk = lane; kk < nl; kk += 32) {
+      const float* pk = a.phik + row_index(s, b, jl0 + kk, h) * F2;
+      float acc = 0.0f;
+      for (int e = 0; e < F2; e++) acc += s_phi[warp][e] * pk[e];
+      s_bl[warp][kk] = acc;
+      sumB += acc;
+    }
+    sumB = warp_sum(sumB);
+    float denS = 0.0f;
+    if (c >= 2)
+      for (int e = lane; e < F2; e += 32) denS += s_phi[warp][e] * a.zt[state * F2 + e];
+    denS = warp_sum(denS);
+    __syncwarp();
+    const float den = sumA + sumB + denS;
+    float yv[4], numA[4];
+    for (int u = 0; u < 4; u++) {
+      const int col = lane + 32 * u;
+      yv[u] = numA[u] = 0.0f;
+      if (col >= s.d) continue;
+      float nA = 0.0f, nB = 0.0f, nS = 0.0f;
+      for (int kk = 0; kk < nw; kk++) nA += s_w[warp][kk] * __bfloat162float(a.v[kv_index(s, b, key(kk), hk) * s.d + col]);
+      for (int kk = 0; kk < nl; kk++) nB += s_bl[warp][kk] * __bfloat162float(a.v[kv_index(s, b, jl0 + kk, hk) * s.d + col]);
+      if (c >= 2)
+        for (int e = 0; e < F2; e++) nS += s_phi[warp][e] * a.St[(state * F2 + e) * s.d + col];
+      numA[u] = nA;
+      yv[u] = (nA + nB + nS) / den;
+      const bf16 yb = __float2bfloat16(yv[u]);
+      a.y[ri * s.d + col] = yb;
+      if (a.sv.y_lo) a.sv.y_lo[ri * s.d + col] = __float2bfloat16(yv[u] - __bfloat162float(yb));
+    }
+    if (lane == 0) {
+      a.sv.row_max[ri] = m;
+      a.sv.row_den[ri] = den;
+      a.sv.row_argmax[ri] = arg;
+    }
+    if (a.y_true) {  // stage 1: squared error, dy, delta and the window-factor term of this row
+      float sq = 0.0f, dyy = 0.0f, dyA = 0.0f;
+      for (int u = 0; u < 4; u++) {
+        const int col = lane + 32 * u;
+        if (col >= s.d) continue;
+        const float e = yv[u] - __bfloat162float(a.y_true[ri * s.d + col]);
+        sq += e * e;
+        const bf16 g = __float2bfloat16(a.grad_scale * 2.0f * e * a.inv_n);
+        a.sv.dy[ri * s.d + col] = g;
+        dyy += __bfloat162float(g) * yv[u];
+        dyA += __bfloat162float(g) * numA[u];
+      }
+      sq = warp_sum(sq);
+      dyy = warp_sum(dyy);
+      dyA = warp_sum(dyA);
+      if (lane == 0) {
+        a.row_sq[ri] = sq;
+        a.sv.row_delta[ri] = dyy / den;
+        a.sv.row_wgrad[ri] = (dyA - dyy * sumA) / den;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// Backward, query side: dq (window, the max, the feature map), du_q, dm, row_wgrad. One warp per row.
+struct GenericBwdArgs {
+  bf16 *dq, *du;   // dq (B, T, H, d) or null; du (B, T, H, f) bf16: dL/du of the feature map input u = x W
+  float* dm;       // (B, T, H) dL/dm_i (query side) — read by the key side
+  float *dk_acc, *dv_acc;  // (B, T, Hkv, d) fp32 accumulators (key side, full backward)
+  const bf16 *q, *k, *v, *dy, *Wq, *Wk;
+  const float *phiq, *phik, *St, *zt, *wlogit;
+  HybridAttnSaved sv;
+  bool want_window;  // compute the window part (dq, or row_wgrad when the forward did not)
+  bool want_input_grads;
+  Shape s;
+};
+
+// du = phi+ (dphi+ - phi+.dphi+) - phi- (dphi- - phi-.dphi-), one warp, f <= 64 entries per half.
+// dphi and phi in shared memory (2f each); returns du for j = lane and lane + 32.
+__device__ __forceinline__ void generic_phi_backward(float (&du)[2], const float* phi, const float* dphi, int f) {
+  float dp = 0.0f, dm = 0.0f;
+  for (int e = 0; e < 2; e++) {
+    const int j = threadIdx.x % 32 + 32 * e;
+    if (j < f) {
+      if (phi[j] > PHI_FLOOR) dp += phi[j] * dphi[j];
+      if (phi[f + j] > PHI_FLOOR) dm += phi[f + j] * dphi[f + j];
+    }
+  }
+  dp = warp_sum(dp);
+  dm = warp_sum(dm);
+  for (int e = 0; e < 2; e++) {
+    const int j = threadIdx.x % 32 + 32 * e;
+    du[e] = 0.0f;
+    if (j < f) {
+      const float gp = phi[j] > PHI_FLOOR ? dphi[j] : 0.0f, gm = phi[f + j] > PHI_FLOOR ? dphi[f + j] : 0.0f;
+      du[e] = phi[j] * (gp - dp) - phi[f + j] * (gm - dm);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdArgs a) {
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
+  __shared__ float s_q[4][128], s_g[4][128], s_phi[4][128], s_dphi[4][128], s_w[4][GEN_MAX_WIN], s_bl[4][CHUNK],
+      s_du[4][64];
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t state = ((size_t)b * s.H + h) * s.NC + c;
+  const bf16* Wh = a.Wq + (size_t)h * s.d * s.f;
+  for (int rr = warp; rr < CHUNK; rr += 4) {
+    const int i = c * CHUNK + rr;
+    if (i >= s.T) break;
+    const size_t ri = row_index(s, b, i, h);
+    const float inv_den = 1.0f / a.sv.row_den[ri], delta = a.sv.row_delta[ri], m = a.sv.row_max[ri];
+    for (int e = lane; e < 128; e += 32) {
+      s_q[warp][e] = e < s.d ? __bfloat162float(a.q[ri * s.d + e]) : 0.0f;
+      s_g[warp][e] = e < s.d ? __bfloat162float(a.dy[ri * s.d + e]) * inv_den : 0.0f;
+      s_phi[warp][e] = e < F2 ? a.phiq[ri * F2 + e] : 0.0f;
+    }
+    __syncwarp();
+    const int lo = window_lo(s, i), n_sink = min(s.sinks, lo), nw = n_sink + (i - lo + 1);
+    auto key = [&](int kk) { return kk < n_sink ? kk : lo + kk - n_sink; };
+    float dq[4] = {0, 0, 0, 0};
+    if (a.want_window) {
+      // ds_ij = A_ij (g_i . v_j - delta_i) over the softmax keys; their sum is -dL/dm_i.
+      float rowsum = 0.0f;
+      for (int kk = lane; kk < nw; kk += 32) {
+        const int j = key(kk);
+        const bf16* kr = a.k + kv_index(s, b, j, hk) * s.d;
+        const bf16* vr = a.v + kv_index(s, b, j, hk) * s.d;
+        float sc = 0.0f, gv = 0.0f;
+        for (int e = 0; e < s.d; e++) {
+          sc += s_q[warp][e] * __bfloat162float(kr[e]);
+          gv += s_g[warp][e] * __bfloat162float(vr[e]);
+        }
+        const float ds = gamma * expf(sc * s.scale - m) * (gv - delta);
+        s_w[warp][kk] = ds;
+        rowsum += ds;
+      }
+      rowsum = warp_sum(rowsum);
+      __syncwarp();
+      const float dmi = -rowsum;
+      const int jmax = a.sv.row_argmax[ri];
+      for (int u = 0; u < 4; u++) {
+        const int col = lane + 32 * u;
+        if (col >= s.d) continue;
+        float acc = dmi * __bfloat162float(a.k[kv_index(s, b, jmax, hk) * s.d + col]);
+        for (int kk = 0; kk < nw; kk++) acc += s_w[warp][kk] * __bfloat162float(a.k[kv_index(s, b, key(kk), hk) * s.d + col]);
+        dq[u] = acc * s.scale;
+      }
+      if (lane == 0) {
+        a.dm[ri] = dmi;
+        a.sv.row_wgrad[ri] = rowsum;
+      }
+    }
+    // dphi_q = sum over linear keys of (g . v_j - delta) phi_k(j): the state part, then (sliding) chunk c-1.
+    const int jl0 = max((c - 1) * CHUNK, s.sinks);
+    const int nl = (s.geometry == HYBRID_SLIDING && c >= 1) ? max(0, i - CHUNK - jl0 + 1) : 0;
+    for (int kk = lane; kk < nl; kk += 32) {
+      const bf16* vr = a.v + kv_index(s, b, jl0 + kk, hk) * s.d;
+      float gv = 0.0f;
+      for (int e = 0; e < s.d; e++) gv += s_g[warp][e] * __bfloat162float(vr[e]);
+      s_bl[warp][kk] = gv - delta;
+    }
+    __syncwarp();
+    for (int e = lane; e < F2; e += 32) {
+      float acc = 0.0f;
+      if (c >= 2) {
+        for (int col = 0; col < s.d; col++) acc += a.St[(state * F2 + e) * s.d + col] * s_g[warp][col];
+        acc -= delta * a.zt[state * F2 + e];
+      }
+      for (int kk = 0; kk < nl; kk++) acc += s_bl[warp][kk] * a.phik[row_index(s, b, jl0 + kk, h) * F2 + e];
+      s_dphi[warp][e] = acc;
+    }
+    __syncwarp();
+    float du[2];
+    generic_phi_backward(du, s_phi[warp], s_dphi[warp], s.f);
+    for (int e = 0; e < 2; e++) {
+      const int j = lane + 32 * e;
+      if (j < s.f) {
+        s_du[warp][j] = du[e];
+        a.du[ri * s.f + j] = __float2bfloat16(du[e]);
+      }
+    }
+    __syncwarp();
+    if (a.dq) {
+      for (int u = 0; u < 4; u++) {
+        const int col = lane + 32 * u;
+        if (col >= s.d) continue;
+        float acc = dq[u];
+        for (int j = 0; j < s.f; j++) acc += __bfloat162float(Wh[(size_t)col * s.f + j]) * s_du[warp][j];
+        a.dq[ri * s.d + col] = __float2bfloat16(acc);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// Backward, key side: du_k, and (full backward) dk, dv into the fp32 accumulators. One warp per key j.
+// The queries that see key j: chunk(j) (causal) and chunk(j)+1 through the window, or (sliding, i >= j + w)
+// through the linear part; later chunks through the state R. Sinks from chunks >= 2: sink_kv_grad_kernel.
+__global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArgs a) {
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
+  __shared__ float s_dphi[4][128], s_phi[4][128];
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t state = ((size_t)b * s.H + h) * s.NC + c;
+  const bf16* Wh = a.Wk + (size_t)h * s.d * s.f;
+  for (int rr = warp; rr < CHUNK; rr += 4) {
+    const int j = c * CHUNK + rr;
+    if (j >= s.T) break;
+    const bool linear_key = j >= s.sinks;
+    float kj[4], vj[4], dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0}, dphi[4] = {0, 0, 0, 0};
+    for (int u = 0; u < 4; u++) {
+      const int col = lane + 32 * u;
+      kj[u] = col < s.d ? __bfloat162float(a.k[kv_index(s, b, j, hk) * s.d + col]) : 0.0f;
+      vj[u] = col < s.d ? __bfloat162float(a.v[kv_index(s, b, j, hk) * s.d + col]) : 0.0f;
+    }
+    for (int e = lane; e < 128; e += 32) s_phi[warp][e] = (e < F2 && linear_key) ? a.phik[row_index(s, b, j, h) * F2 + e] : 0.0f;
+    __syncwarp();
+    const int i_end = min(s.T, (c + 2) * CHUNK);
+    for (int i = j; i < i_end; i++) {
+      const bool window = i / CHUNK == c || s.geometry == HYBRID_TERRACE || i < j + CHUNK || !linear_key;
+      if (window && !a.want_input_grads) continue;
+      const size_t ri = row_index(s, b, i, h);
+      const float inv_den = 1.0f / a.sv.row_den[ri], delta = a.sv.row_delta[ri];
+      float qi[4], gi[4], sc = 0.0f, gv = 0.0f;
+      for (int u = 0; u < 4; u++) {
+        const int col = lane + 32 * u;
+        qi[u] = col < s.d ? __bfloat162float(a.q[ri * s.d + col]) : 0.0f;
+        gi[u] = col < s.d ? __bfloat162float(a.dy[ri * s.d + col]) * inv_den : 0.0f;
+        sc += qi[u] * kj[u];
+        gv += gi[u] * vj[u];
+      }
+      sc = warp_sum(sc) * s.scale;
+      gv = warp_sum(gv);
+      if (window) {
+        const float A = gamma * expf(sc - a.sv.row_max[ri]);
+        float ds = A * (gv - delta);
+        if (a.sv.row_argmax[ri] == j) ds += a.dm[ri];
+        for (int u = 0; u < 4; u++) {
+          dk[u] += ds * s.scale * qi[u];
+          dv[u] += A * gi[u];
+        }
+      } else {
+        const float* pq = a.phiq + ri * F2;
+        float Bw = 0.0f;
+        for (int e = 0; e < F2; e++) Bw += s_phi[warp][e] * pq[e];
+        for (int u = 0; u < 4; u++) {
+          dv[u] += Bw * gi[u];
+          const int e = lane + 32 * u;
+          if (e < F2) dphi[u] += (gv - delta) * pq[e];
+        }
+      }
+    }
+    // The state of the query chunks >= c+2: dphi_k += R v_j - r, dv_j += R^T phi_k.
+    if (linear_key && c + 2 < s.NC) {
+      for (int u = 0; u < 4; u++) {
+        const int e = lane + 32 * u;
+        if (e >= F2) continue;
+        float acc = -a.zt[state * F2 + e];
+        for (int col = 0; col < s.d; col++)
+          acc += a.St[(state * F2 + e) * s.d + col] * __bfloat162float(a.v[kv_index(s, b, j, hk) * s.d + col]);
+        dphi[u] += acc;
+      }
+      if (a.want_input_grads)
+        for (int u = 0; u < 4; u++) {
+          const int col = lane + 32 * u;
+          if (col >= s.d) continue;
+          float acc = 0.0f;
+          for (int e = 0; e < F2; e++) acc += a.St[(state * F2 + e) * s.d + col] * s_phi[warp][e];
+          dv[u] += acc;
+        }
+    }
+    for (int u = 0; u < 4; u++) {
+      const int e = lane + 32 * u;
+      if (e < 128) s_dphi[warp][e] = linear_key ? dphi[u] : 0.0f;
+    }
+    __syncwarp();
+    float du[2];
+    generic_phi_backward(du, s_phi[warp], s_dphi[warp], s.f);
+    for (int e = 0; e < 2; e++) {
+      const int jf = lane + 32 * e;
+      if (jf < s.f) a.du[row_index(s, b, j, h) * s.f + jf] = __float2bfloat16(linear_key ? du[e] : 0.0f);
+    }
+    if (a.want_input_grads) {
+      __shared__ float s_du[4][64];
+      for (int e = 0; e < 2; e++) {
+        const int jf = lane + 32 * e;
+        if (jf < 64) s_du[warp][jf] = (jf < s.f && linear_key) ? du[e] : 0.0f;
+      }
+      __syncwarp();
+      for (int u = 0; u < 4; u++) {
+        const int col = lane + 32 * u;
+        if (col >= s.d) continue;
+        float acc = dk[u];
+        for (int jf = 0; jf < s.f; jf++) acc += __bfloat162float(Wh[(size_t)col * s.f + jf]) * s_du[warp][jf];
+        atomicAdd(&a.dk_acc[kv_index(s, b, j, hk) * s.d + col], acc);
+        atomicAdd(&a.dv_acc[kv_index(s, b, j, hk) * s.d + col], dv[u]);
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// dW_h[c][j] += sum over (b, t) of x[b, t, h'][c] du[b, t, h][j] (h' = h for queries, h / group for keys);
+// one thread per (h, c, j), fixed summation order (deterministic). For the generic path.
+__global__ void generic_weight_grad_kernel(float* __restrict__ dW, const bf16* __restrict__ x, const bf16* __restrict__ du,
+                                           Shape s, int Hx) {
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)s.H * s.d * s.f) return;
+  const int h = (int)(idx / ((size_t)s.d * s.f)), c = (int)(idx / s.f % s.d), j = (int)(idx % s.f);
+  const int hx = Hx == s.H ? h : h / s.group;
+  float acc = 0.0f;
+  for (size_t bt = 0; bt < (size_t)s.B * s.T; bt++)
+    acc += __bfloat162float(x[(bt * Hx + hx) * s.d + c]) * __bfloat162float(du[(bt * s.H + h) * s.f + j]);
+  dW[idx] += acc;
+}
+
+// ================================================================================================
+// Fast path: tensor-core kernels for d in {64, 128}, f = 64 (2f = 128 features). 4 warps per block;
+// warp w owns rows [16w, 16w + 16) of a 64-row chunk. See the header comment for the algorithm.
+// ================================================================================================
+constexpr int NF = 128;  // features per row (2f)
+
+template <int D>
+struct Tiles {
+  static constexpr int LDT = D + 8;   // row stride (elements) of a 64 x D bf16/f16 tile: conflict-free ldmatrix
+  static constexpr int LDW = 64 + 8;  // row stride of a D x 64 feature-map weight tile
+  static constexpr int LDP = NF + 8;  // row stride of a 64 x 128 feature tile
+  static constexpr int KT = D / 16;   // 16-wide k-steps over the head dim
+  static constexpr int NT = D / 8;    // 8-wide n-tiles over the head dim
+  static constexpr int TILE = 64 * LDT, WT = D * LDW, PT = 64 * LDP;  // elements
+};
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// ---- fragment loaders (see the layouts at the device primitives) ----
+// A (16x16) = rows [r0, r0+16) x cols [k0, k0+16) of a row-major tile.
+template <class T>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T* tile, int ld, int r0, int k0) {
+  const int l = lane_id();
+  ldsm_x4(a, tile + (r0 + (l & 15)) * ld + k0 + (l >> 4) * 8);
+}
+// A (16x16) with A[m][k] = tile[k][m]: the transpose of a row-major tile.
+template <class T>
+__device__ __forceinline__ void frag_a_t(uint32_t (&a)[4], const T* tile, int ld, int m0, int k0) {
+  const int l = lane_id(), mi = l >> 3, rr = l & 7;
+  ldsm_x4_t(a, tile + (k0 + rr + 8 * (mi >> 1)) * ld + m0 + 8 * (mi & 1));
+}
+// B of two n-tiles [n0, n0+16) x k [k0, k0+16) with B[k][n] = tile[n][k] (K in q K^T): b[0], b[1] for n0, b[2], b[3] for n0+8.
+template <class T>
+__device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const T* tile, int ld, int n0, int k0) {
+  const int l = lane_id(), mi = l >> 3, rr = l & 7;
+  ldsm_x4(b, tile + (n0 + rr + 8 * (mi >> 1)) * ld + k0 + 8 * (mi & 1));
+}
+// B of two n-tiles with B[k][n] = tile[k][n] (V in p V).
+template <class T>
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const T* tile, int ld, int k0, int n0) {
+  const int l = lane_id(), mi = l >> 3, rr = l & 7;
+  ldsm_x4_t(b, tile + (k0 + rr + 8 * (mi & 1)) * ld + n0 + 8 * (mi >> 1));
+}
+
+// ---- tile loads ----
+// rows [0, 64) x cols [0, COLS) of a global matrix (row r at src + r * row_stride) -> shared (row stride ld);
+// rows >= n_valid are filled with zeros. All 128 threads take part.
+template <int COLS, class T>
+__device__ __forceinline__ void load_rows_async(T* dst, int ld, const T* src, size_t row_stride, int nrows, int n_valid) {
+  constexpr int CPR = COLS / 8;  // 16-byte pieces per row
+  for (int idx = threadIdx.x; idx < nrows * CPR; idx += 128) {
+    const int r = idx / CPR, cc = idx % CPR;
+    const bool ok = r < n_valid;
+    cp_async16(dst + r * ld + cc * 8, ok ? src + (size_t)r * row_stride + cc * 8 : src, ok);
+  }
+}
+// bf16 -> f16 in place (the forward multiplies probabilities by V in f16: 3 more mantissa bits than bf16,
+// exact for every bf16 value of magnitude 6e-5 .. 65504).
+template <int COLS>
+__device__ __forceinline__ void tile_bf16_to_f16(void* tile, int ld, int nrows) {
+  constexpr int CPR = COLS / 8;
+  for (int idx = threadIdx.x; idx < nrows * CPR; idx += 128) {
+    uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
+    uint4 x = *p;
+    uint32_t* w = (uint32_t*)&x;
+    for (int i = 0; i < 4; i++) w[i] = pack_f16(bf16_lo(w[i]), bf16_hi(w[i]));
+    *p = x;
+  }
+}
+
+// ---- the Hedgehog feature map of a warp's 16 rows ----
+// u = x W (16 x 64, bf16 mma, W (D x 64) in shared memory), then phi = [softmax(u), softmax(-u)] clamped.
+// ph[j][.] in mma C layout: n-tile j < 8 is the + half (features 8j + 2t, +1), j >= 8 the - half.
+__device__ __forceinline__ void hedgehog_softmax(float (&ph)[16][4], const float (&u)[8][4]) {
+  for (int r = 0; r < 2; r++) {
+    float mx = -INFINITY, mn = INFINITY;
+    for (int j = 0; j < 8; j++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) { mx = fmaxf(mx, u[j][e]); mn = fminf(mn, u[j][e]); }
+    mx = quad_max(mx);
+    mn = quad_min(mn);
+    float sp = 0.0f, sm = 0.0f;
+    for (int j = 0; j < 8; j++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) {
+        ph[j][e] = exp2f((u[j][e] - mx) * LOG2E);
+        ph[j + 8][e] = exp2f((mn - u[j][e]) * LOG2E);
+        sp += ph[j][e];
+        sm += ph[j + 8][e];
+      }
+    const float ip = 1.0f / quad_sum(sp), im = 1.0f / quad_sum(sm);
+    for (int j = 0; j < 8; j++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) {
+        ph[j][e] = fmaxf(ph[j][e] * ip, PHI_FLOOR);
+        ph[j + 8][e] = fmaxf(ph[j + 8][e] * im, PHI_FLOOR);
+      }
+  }
+}
+// x rows from A fragments already in registers.
+template <int D>
+__device__ __forceinline__ void feature_map_regs(float (&ph)[16][4], const uint32_t (&xf)[D / 16][4], const bf16* sW) {
+  float u[8][4] = {};
+  for (int kt = 0; kt < D / 16; kt++)
+    for (int np = 0; np < 4; np++) {
+      uint32_t bb[4];
+      frag_b_kn(bb, sW, Tiles<D>::LDW, kt * 16, np * 16);
+      mma_bf16(u[2 * np], xf[kt], bb[0], bb[1]);
+      mma_bf16(u[2 * np + 1], xf[kt], bb[2], bb[3]);
+    }
+  hedgehog_softmax(ph, u);
+}
+// x rows [r0, r0+16) of a shared tile.
+template <int D>
+__device__ __forceinline__ void feature_map_smem(float (&ph)[16][4], const bf16* X, int r0, const bf16* sW) {
+  float u[8][4] = {};
+  for (int kt = 0; kt < D / 16; kt++) {
+    uint32_t xa[4];
+    frag_a(xa, X, Tiles<D>::LDT, r0, kt * 16);
+    for (int np = 0; np < 4; np++) {
+      uint32_t bb[4];
+      frag_b_kn(bb, sW, Tiles<D>::LDW, kt * 16, np * 16);
+      mma_bf16(u[2 * np], xa, bb[0], bb[1]);
+      mma_bf16(u[2 * np + 1], xa, bb[2], bb[3]);
+    }
+  }
+  hedgehog_softmax(ph, u);
+}
+// C-layout phi -> 16-bit A fragments over the 128 features (8 k-steps).
+template <bool HALF>
+__device__ __forceinline__ void pack_phi_a(uint32_t (&pa)[8][4], const float (&ph)[16][4]) {
+  for (int k = 0; k < 8; k++) {
+    pa[k][0] = HALF ? pack_f16(ph[2 * k][0], ph[2 * k][1]) : pack_bf16(ph[2 * k][0], ph[2 * k][1]);
+    pa[k][1] = HALF ? pack_f16(ph[2 * k][2], ph[2 * k][3]) : pack_bf16(ph[2 * k][2], ph[2 * k][3]);
+    pa[k][2] = HALF ? pack_f16(ph[2 * k + 1][0], ph[2 * k + 1][1]) : pack_bf16(ph[2 * k + 1][0], ph[2 * k + 1][1]);
+    pa[k][3] = HALF ? pack_f16(ph[2 * k + 1][2], ph[2 * k + 1][3]) : pack_bf16(ph[2 * k + 1][2], ph[2 * k + 1][3]);
+  }
+}
+// phi of n-tile j, element e (C layout) back from 16-bit A fragments.
+template <bool HALF>
+__device__ __forceinline__ float phi_at(const uint32_t (&pa)[8][4], int j, int e) {
+  const uint32_t r = pa[j >> 1][(j & 1) * 2 + (e >> 1)];
+  return HALF ? ((e & 1) ? f16_hi(r) : f16_lo(r)) : ((e & 1) ? bf16_hi(r) : bf16_lo(r));
+}
+// Stores C-layout phi of this warp's rows to a shared 64 x 128 tile (row stride LDP); rows where
+// keep(row) is false get zeros (sinks, rows past T).
+template <bool HALF>
+__device__ __forceinline__ void store_phi(void* tile, int ldp, int r0, const float (&ph)[16][4], bool keep_g, bool keep_g8) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  uint32_t* base = (uint32_t*)tile;
+  for (int j = 0; j < 16; j++) {
+    const float a0 = keep_g ? ph[j][0] : 0.0f, a1 = keep_g ? ph[j][1] : 0.0f;
+    const float a2 = keep_g8 ? ph[j][2] : 0.0f, a3 = keep_g8 ? ph[j][3] : 0.0f;
+    base[((r0 + g) * ldp + 8 * j + 2 * t) / 2] = HALF ? pack_f16(a0, a1) : pack_bf16(a0, a1);
+    base[((r0 + g + 8) * ldp + 8 * j + 2 * t) / 2] = HALF ? pack_f16(a2, a3) : pack_bf16(a2, a3);
+  }
+}
+
+// ---- the running state: S (128 x D fp32, row stride LDS) += Phi^T Y over a 64-row tile ----
+// Phi (64 x 128) and Y (64 x D) are 16-bit shared tiles (f16 in the forward, bf16 in the backward).
+// Warp w owns state rows [32w, 32w + 32); the product is formed a quarter of the columns at a time.
+template <int D, int LDS, bool HALF>
+__device__ __forceinline__ void state_update(float* sS, const void* Phi, const void* Y) {
+  using TL = Tiles<D>;
+  constexpr int NQ = D / 32;  // n-tiles per column quarter
+  const int l = lane_id(), warp = threadIdx.x >> 5, g = l >> 2, t = l & 3;
+  const unsigned short* P = (const unsigned short*)Phi;
+  const unsigned short* Yv = (const unsigned short*)Y;
+  for (int qq = 0; qq < 4; qq++) {
+    float acc[2][NQ][4] = {};
+    for (int kk = 0; kk < 4; kk++) {
+      uint32_t a0[4], a1[4];
+      frag_a_t(a0, P, TL::LDP, 32 * warp, 16 * kk);
+      frag_a_t(a1, P, TL::LDP, 32 * warp + 16, 16 * kk);
+      for (int np = 0; np < NQ / 2; np++) {
+        uint32_t bb[4];
+        frag_b_kn(bb, Yv, TL::LDT, 16 * kk, qq * (D / 4) + 16 * np);
+        if (HALF) {
+          mma_f16(acc[0][2 * np], a0, bb[0], bb[1]); mma_f16(acc[0][2 * np + 1], a0, bb[2], bb[3]);
+          mma_f16(acc[1][2 * np], a1, bb[0], bb[1]); mma_f16(acc[1][2 * np + 1], a1, bb[2], bb[3]);
+        } else {
+          mma_bf16(acc[0][2 * np], a0, bb[0], bb[1]); mma_bf16(acc[0][2 * np + 1], a0, bb[2], bb[3]);
+          mma_bf16(acc[1][2 * np], a1, bb[0], bb[1]); mma_bf16(acc[1][2 * np + 1], a1, bb[2], bb[3]);
+        }
+      }
+    }
+    for (int mt = 0; mt < 2; mt++)
+      for (int nt = 0; nt < NQ; nt++) {
+        const int col = qq * (D / 4) + 8 * nt + 2 * t;
+        float2* p0 = (float2*)&sS[(32 * warp + 16 * mt + g) * LDS + col];
+        float2* p1 = (float2*)&sS[(32 * warp + 16 * mt + g + 8) * LDS + col];
+        float2 v0 = *p0, v1 = *p1;
+        v0.x += acc[mt][nt][0]; v0.y += acc[mt][nt][1];
+        v1.x += acc[mt][nt][2]; v1.y += acc[mt][nt][3];
+        *p0 = v0;
+        *p1 = v1;
+      }
+  }
+}
+// z[f] += sum over the 64 rows of Phi[row][f] * (scal ? scal[row] : 1); thread f of the 128.
+template <bool HALF>
+__device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, int ldp, const float* scal) {
+  const int f = threadIdx.x;
+  const unsigned short* P = (const unsigned short*)Phi;
+  float acc = 0.0f;
+  for (int r = 0; r < 64; r++) {
+    const unsigned short bits = P[r * ldp + f];
+    const float v = HALF ? f16_bits_to_float(bits) : __uint_as_float((uint32_t)bits << 16);
+    acc += scal ? v * scal[r] : v;
+  }
+  sZ[f] += acc;
+}
+
+// ---- tf32 products with the fp32 state (S or R, 128 x D, row stride LDS, in shared memory) ----
+// The A operand comes from 16-bit A fragments: a 16-wide k-step splits into two 8-wide tf32 steps; in
+// step h the logical k index t holds physical column 8h + 2t and t + 4 holds 8h + 2t + 1 (the fragment's
+// own pairs), and the B operand is read with the same permutation, so no data moves between lanes.
+template <bool HALF>
+__device__ __forceinline__ void tf32_a_from16(uint32_t (&a)[4], const uint32_t (&x)[4], int h) {
+  const uint32_t r0 = x[2 * h], r1 = x[2 * h + 1];
+  a[0] = __float_as_uint(HALF ? f16_lo(r0) : bf16_lo(r0));
+  a[1] = __float_as_uint(HALF ? f16_lo(r1) : bf16_lo(r1));
+  a[2] = __float_as_uint(HALF ? f16_hi(r0) : bf16_hi(r0));
+  a[3] = __float_as_uint(HALF ? f16_hi(r1) : bf16_hi(r1));
+}
+// acc (16 x D) += A (16 x 128 features, as 8 16-bit A fragments) . S (128 x D).
+template <int D, int LDS, bool HALF>
+__device__ __forceinline__ void mul_feat_state(float (&acc)[D / 8][4], const uint32_t (&A)[8][4], const float* sS) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  for (int k = 0; k < 8; k++)
+    for (int h = 0; h < 2; h++) {
+      uint32_t a[4];
+      tf32_a_from16<HALF>(a, A[k], h);
+      const float* r0 = sS + (16 * k + 8 * h + 2 * t) * LDS;
+      for (int nt = 0; nt < D / 8; nt++)
+        mma_tf32(acc[nt], a, to_tf32(r0[8 * nt + g]), to_tf32(r0[LDS + 8 * nt + g]));
+    }
+}
+// acc (16 x 128 features) += X (16 x D, as D/16 bf16 A fragments) . S^T (D x 128).
+template <int D, int LDS>
+__device__ __forceinline__ void mul_x_state_t(float (&acc)[16][4], const uint32_t (&X)[D / 16][4], const float* sS) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  for (int k = 0; k < D / 16; k++)
+    for (int h = 0; h < 2; h++) {
+      uint32_t a[4];
+      tf32_a_from16<false>(a, X[k], h);
+      for (int j = 0; j < 16; j++) {
+        const float2 bv = *(const float2*)&sS[(8 * j + g) * LDS + 16 * k + 8 * h + 2 * t];
+        mma_tf32(acc[j], a, to_tf32(bv.x), to_tf32(bv.y));
+      }
+    }
+}
+
+// du = phi+ (dphi+ - phi+.dphi+) - phi- (dphi- - phi-.dphi-) for a warp's 16 rows (C layout; the clamp
+// is ignored: a clamped entry is 1e-12 and contributes nothing measurable). du[j] covers features 8j + 2t.
+template <bool HALF>
+__device__ __forceinline__ void phi_backward(float (&du)[8][4], const uint32_t (&pa)[8][4], const float (&dphi)[16][4]) {
+  for (int r = 0; r < 2; r++) {
+    float dp = 0.0f, dm = 0.0f;
+    for (int j = 0; j < 8; j++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) {
+        dp += phi_at<HALF>(pa, j, e) * dphi[j][e];
+        dm += phi_at<HALF>(pa, j + 8, e) * dphi[j + 8][e];
+      }
+    dp = quad_sum(dp);
+    dm = quad_sum(dm);
+    for (int j = 0; j < 8; j++)
+      for (int e = 2 * r; e < 2 * r + 2; e++)
+        du[j][e] = phi_at<HALF>(pa, j, e) * (dphi[j][e] - dp) - phi_at<HALF>(pa, j + 8, e) * (dphi[j + 8][e] - dm);
+  }
+}
+// C layout (16 x 64 keys or features) -> bf16 / f16 A fragments over those 64 columns (4 k-steps).
+template <bool HALF, int NTILES>
+__device__ __forceinline__ void pack_c_to_a(uint32_t (&a)[NTILES / 2][4], const float (&c)[NTILES][4]) {
+  for (int k = 0; k < NTILES / 2; k++) {
+    a[k][0] = HALF ? pack_f16(c[2 * k][0], c[2 * k][1]) : pack_bf16(c[2 * k][0], c[2 * k][1]);
+    a[k][1] = HALF ? pack_f16(c[2 * k][2], c[2 * k][3]) : pack_bf16(c[2 * k][2], c[2 * k][3]);
+    a[k][2] = HALF ? pack_f16(c[2 * k + 1][0], c[2 * k + 1][1]) : pack_bf16(c[2 * k + 1][0], c[2 * k + 1][1]);
+    a[k][3] = HALF ? pack_f16(c[2 * k + 1][2], c[2 * k + 1][3]) : pack_bf16(c[2 * k + 1][2], c[2 * k + 1][3]);
+  }
+}
+// acc (16 x D) += A (16 x 64 keys, 4 A fragments) . Y (64 x D shared tile, B[k][n] = Y[k][n]).
+template <int D, bool HALF>
+__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y, int nk16 = 4) {
+  for (int kk = 0; kk < nk16; kk++)
+    for (int np = 0; np < D / 16; np++) {
+      uint32_t bb[4];
+      frag_b_kn(bb, (const unsigned short*)Y, Tiles<D>::LDT, 16 * kk, 16 * np);
+      if (HALF) { mma_f16(acc[2 * np], A[kk], bb[0], bb[1]); mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
+      else { mma_bf16(acc[2 * np], A[kk], bb[0], bb[1]); mma_bf16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
+    }
+}
+// s (16 x 64 keys) = X (16 x D, A fragments) . K^T for the key tile K (64 x D shared, B[k][n] = K[n][k]).
+template <int D>
+__device__ __forceinline__ void mul_x_keys(float (&sc)[8][4], const uint32_t (&X)[D / 16][4], const bf16* K, int nkeys = 64) {
+  for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+  for (int kt = 0; kt < D / 16; kt++)
+    for (int np = 0; np < nkeys / 16; np++) {
+      uint32_t bb[4];
+      frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
+      mma_bf16(sc[2 * np], X[kt], bb[0], bb[1]);
+      mma_bf16(sc[2 * np + 1], X[kt], bb[2], bb[3]);
+    }
+}
+// Loads A fragments of a 16 x D row block from global memory (rows past n_valid read as zeros).
+template <int D>
+__device__ __forceinline__ void frag_a_global(uint32_t (&xf)[D / 16][4], const bf16* rows, size_t row_stride, int r0, int n_valid) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  const bool ok0 = r0 + g < n_valid, ok1 = r0 + g + 8 < n_valid;
+  const uint32_t* p0 = (const uint32_t*)(rows + (size_t)(r0 + g) * row_stride);
+  const uint32_t* p1 = (const uint32_t*)(rows + (size_t)(r0 + g + 8) * row_stride);
+  for (int kt = 0; kt < D / 16; kt++) {
+    xf[kt][0] = ok0 ? p0[8 * kt + t] : 0u;
+    xf[kt][1] = ok1 ? p1[8 * kt + t] : 0u;
+    xf[kt][2] = ok0 ? p0[8 * kt + 4 + t] : 0u;
+    xf[kt][3] = ok1 ? p1[8 * kt + 4 + t] : 0u;
+  }
+}
+template <class K>
+inline void set_max_smem(K kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+// ---- fast forward ----
+struct FastFwdArgs {
+  bf16* y;
+  const bf16 *q, *k, *v, *Wq, *Wk, *y_true;
+  const float *wlogit, *segS, *segZ;  // segS/segZ: state of the chunks before each segment (B, H, nseg, 128, D)
+  HybridAttnSaved sv;
+  float* row_sq;
+  float grad_scale, inv_n;
+  Shape s;
+  int seg_chunks;
+};
+template <int D>
+struct FwdLayout {
+  using TL = Tiles<D>;
+  static constexpr int LDS = D + 4;  // state row stride: the tf32 B reads (rows 2t, cols g) hit 32 banks
+  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
+                          WK = WQ + TL::WT * 2, PHI = WK + TL::WT * 2, S = PHI + TL::PT * 2, Z = S + NF * LDS * 4,
+                          SK = Z + NF * 4, SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
+};
+
+// Online softmax over one key tile for a warp's 16 query rows. MASK(kl, row_local) says whether key kl of
+// the tile is a softmax key of that query row. Updates the running max m, partial sums l, output o, and the
+// arg max (value best, key position barg; ties keep the earlier key).
+template <int D, class MASK>
+__device__ __forceinline__ void softmax_tile(float (&o)[D / 8][4], float (&m)[2], float (&l)[2], float (&best)[2], int (&barg)[2],
+                                             const uint32_t (&qf)[D / 16][4], const bf16* K, const __half* V, int nkeys,
+                                             int key0, int row0, float scale, MASK mask) {
+  const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  float sc[8][4];
+  mul_x_keys<D>(sc, qf, K, nkeys);
+  float tmax[2] = {-INFINITY, -INFINITY};
+  for (int nt = 0; nt < nkeys / 8; nt++)
+    for (int e = 0; e < 4; e++) {
+      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
+      const float x = mask(kl, row0 + g + 8 * r) ? sc[nt][e] * scale : -INFINITY;
+      sc[nt][e] = x;
+      tmax[r] = fmaxf(tmax[r], x);
+      if (x > best[r]) { best[r] = x; barg[r] = key0 + kl; }  // keys are visited in increasing order
+    }
+  for (int r = 0; r < 2; r++) {
+    const float mnew = fmaxf(m[r], quad_max(tmax[r]));
+    const float muse = mnew == -INFINITY ? 0.0f : mnew;
+    const float corr = exp2f((m[r] - muse) * LOG2E);
+    l[r] *= corr;
+    for (int nt = 0; nt < D / 8; nt++) { o[nt][2 * r] *= corr; o[nt][2 * r + 1] *= corr; }
+    m[r] = mnew;
+    for (int nt = 0; nt < nkeys / 8; nt++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) {
+        sc[nt][e] = exp2f((sc[nt][e] - muse) * LOG2E);
+        l[r] += sc[nt][e];
+      }
+  }
+  uint32_t pa[4][4];
+  pack_c_to_a<true, 8>(pa, sc);
+  mul_a_tile<D, true>(o, pa, V, nkeys / 16);
+}
+
+template <int D>
+__global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = FwdLayout<D>;
+  constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  __half* sV = (__half*)(smem_raw + LY::V);
+  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  __half* sPhi = (__half*)(smem_raw + LY::PHI);
+  float* sS = (float*)(smem_raw + LY::S);
+  float* sZ = (float*)(smem_raw + LY::Z);
+  bf16* sSK = (bf16*)(smem_raw + LY::SK);
+  __half* sSV = (__half*)(smem_raw + LY::SV);
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* qb = a.q + row_index(s, b, 0, h) * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+
+  // Prologue: maps, sinks, the first two key chunks, the first queries, the state before this segment.
+  load_rows_async<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+  load_rows_async<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (s.sinks > 0) {
+    load_rows_async<D>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async<D>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
+  }
+  if (c_begin >= 1) {
+    const int c = c_begin - 1;
+    load_rows_async<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+  }
+  load_rows_async<D>(sK + (c_begin & 1) * TL::TILE, LDT, kb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
+  load_rows_async<D>((bf16*)sV + (c_begin & 1) * TL::TILE, LDT, vb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
+  load_rows_async<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  cp_async_commit();
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    for (int idx = tid; idx < NF * D; idx += 128) {
+      const int f = idx / D, col = idx % D;
+      sS[f * LDS + col] = seg > 0 ? a.segS[(base + f) * D + col] : 0.0f;
+    }
+    sZ[tid] = seg > 0 ? a.segZ[base + tid] : 0.0f;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  tile_bf16_to_f16<D>(sV, LDT, 64);
+  tile_bf16_to_f16<D>(sV + TL::TILE, LDT, 64);
+  if (s.sinks > 0) tile_bf16_to_f16<D>(sSV, LDT, 16);
+  __syncthreads();
+
+  for (int c = c_begin; c < c_end; c++) {
+    const int cur = c & 1, prv = cur ^ 1;
+    const bf16* Kc = sK + cur * TL::TILE;
+    const bf16* Kp = sK + prv * TL::TILE;
+    __half* Vc = sV + cur * TL::TILE;
+    const __half* Vp = sV + prv * TL::TILE;
+    const bool has_prev = c >= 1;
+    const int row0 = warp * 16;               // this warp's first row within the chunk
+    const int i0 = c * CHUNK + row0;          // its first query position
+    cp_async_wait<1>();                       // q_c and K_c are in (V_c may still be in flight)
+    __syncthreads();
+    uint32_t qf[KT][4];
+    for (int kt = 0; kt < KT; kt++) frag_a(qf[kt], sQ, LDT, row0, kt * 16);
+    __syncthreads();                          // sQ free: fetch the next chunk's queries
+    if (c + 1 < c_end) load_rows_async<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+    cp_async_commit();
+
+    // Feature maps: phi_q of this chunk (registers), phi_k of chunk c-1 (shared; sinks zeroed).
+    uint32_t phq[8][4];
+    {
+      float ph[16][4];
+      feature_map_regs<D>(ph, qf, sWq);
+      pack_phi_a<true>(phq, ph);
+      if (has_prev) {
+        feature_map_smem<D>(ph, Kp, row0, sWk);
+        const int j0 = (c - 1) * CHUNK + row0;
+        store_phi<true>(sPhi, TL::LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+      }
+    }
+    cp_async_wait<1>();                       // V_c is in
+    __syncthreads();
+    if (c > c_begin) {
+      tile_bf16_to_f16<D>(Vc, LDT, 64);
+      __syncthreads();
+    }
+
+    // Softmax part: sinks (as their own tile from chunk 2 on), chunk c-1, the causal part of chunk c.
+    float o[NT][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, best[2] = {-INFINITY, -INFINITY};
+    int barg[2] = {0, 0};
+    const bool sliding = s.geometry == HYBRID_SLIDING;
+    if (s.sinks > 0 && c >= 2)
+      softmax_tile<D>(o, m, l, best, barg, qf, sSK, sSV, 16, 0, row0, s.scale, [&](int kl, int) { return kl < s.sinks; });
+    if (has_prev) {
+      const int key0 = (c - 1) * CHUNK;
+      softmax_tile<D>(o, m, l, best, barg, qf, Kp, Vp, 64, key0, row0, s.scale,
+                      [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+    }
+    softmax_tile<D>(o, m, l, best, barg, qf, Kc, Vc, 64, c * CHUNK, row0, s.scale, [&](int kl, int rl) { return kl <= rl; });
+    for (int r = 0; r < 2; r++) {
+      l[r] = quad_sum(l[r]) * gamma;
+      for (int nt = 0; nt < NT; nt++) { o[nt][2 * r] *= gamma; o[nt][2 * r + 1] *= gamma; }
+      for (int off = 1; off < 4; off <<= 1) {  // arg max over the quad (ties: the earlier key)
+        const float bv = __shfl_xor_sync(0xffffffffu, best[r], off);
+        const int ba = __shfl_xor_sync(0xffffffffu, barg[r], off);
+        if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
+      }
+    }
+    __syncthreads();                          // K_{c-1} free: fetch K_{c+1} into its slot
+    if (c + 1 < c_end)
+      load_rows_async<D>(sK + prv * TL::TILE, LDT, kb + (size_t)(c + 1) * CHUNK * kstride, kstride, 64, rows_in(c + 1));
+    cp_async_commit();
+
+    // Linear part (not rescaled): phi_q . S over chunks <= c-2, and for sliding the keys of chunk c-1
+    // at least w behind the query, as a masked quadratic term.
+    float ol[NT][4] = {};
+    float ll[2] = {0.0f, 0.0f};
+    if (c >= 2) {
+      mul_feat_state<D, LDS, true>(ol, phq, sS);
+      for (int k = 0; k < 8; k++) {
+        const int f0 = 16 * k + 2 * t;
+        ll[0] += f16_lo(phq[k][0]) * sZ[f0] + f16_hi(phq[k][0]) * sZ[f0 + 1] + f16_lo(phq[k][2]) * sZ[f0 + 8] + f16_hi(phq[k][2]) * sZ[f0 + 9];
+        ll[1] += f16_lo(phq[k][1]) * sZ[f0] + f16_hi(phq[k][1]) * sZ[f0 + 1] + f16_lo(phq[k][3]) * sZ[f0 + 8] + f16_hi(phq[k][3]) * sZ[f0 + 9];
+      }
+    }
+    if (sliding && has_prev) {
+      float bm[8][4] = {};
+      for (int k = 0; k < 8; k++)
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          frag_b_nk(bb, sPhi, TL::LDP, 16 * np, 16 * k);
+          mma_f16(bm[2 * np], phq[k], bb[0], bb[1]);
+          mma_f16(bm[2 * np + 1], phq[k], bb[2], bb[3]);
+        }
+      const int key0 = (c - 1) * CHUNK;
+      for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) {
+          const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
+          if (!(kl <= rl && key0 + kl >= s.sinks)) bm[nt][e] = 0.0f;
+          ll[e >> 1] += bm[nt][e];
+        }
+      uint32_t pa[4][4];
+      pack_c_to_a<true, 8>(pa, bm);
+      mul_a_tile<D, true>(ol, pa, Vp);
+    }
+    ll[0] = quad_sum(ll[0]);
+    ll[1] = quad_sum(ll[1]);
+
+    // Output, statistics, and the fused stage-1 loss.
+    {
+      float den[2], inv[2], sq[2] = {0, 0}, dyy[2] = {0, 0}, dyA[2] = {0, 0};
+      for (int r = 0; r < 2; r++) { den[r] = l[r] + ll[r]; inv[r] = 1.0f / den[r]; }
+      for (int r = 0; r < 2; r++) {
+        const int i = i0 + g + 8 * r;
+        if (i >= s.T) continue;
+        const size_t ri = row_index(s, b, i, h);
+        for (int nt = 0; nt < NT; nt++) {
+          const int col = 8 * nt + 2 * t;
+          const float y0 = (o[nt][2 * r] + ol[nt][2 * r]) * inv[r], y1 = (o[nt][2 * r + 1] + ol[nt][2 * r + 1]) * inv[r];
+          const uint32_t yp = pack_bf16(y0, y1);
+          *(uint32_t*)&a.y[ri * D + col] = yp;
+          if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
+          if (a.y_true) {
+            const uint32_t tv = *(const uint32_t*)&a.y_true[ri * D + col];
+            const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
+            sq[r] += e0 * e0 + e1 * e1;
+            const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
+            *(uint32_t*)&a.sv.dy[ri * D + col] = gp;
+            dyy[r] += bf16_lo(gp) * y0 + bf16_hi(gp) * y1;
+            dyA[r] += bf16_lo(gp) * o[nt][2 * r] + bf16_hi(gp) * o[nt][2 * r + 1];
+          }
+        }
+      }
+      for (int r = 0; r < 2; r++) {
+        sq[r] = quad_sum(sq[r]);
+        dyy[r] = quad_sum(dyy[r]);
+        dyA[r] = quad_sum(dyA[r]);
+        const int i = i0 + g + 8 * r;
+        if (t == 0 && i < s.T) {
+          const size_t ri = row_index(s, b, i, h);
+          a.sv.row_max[ri] = m[r];
+          a.sv.row_den[ri] = den[r];
+          a.sv.row_argmax[ri] = barg[r];
+          if (a.y_true) {
+            a.row_sq[ri] = sq[r];
+            a.sv.row_delta[ri] = dyy[r] * inv[r];
+            a.sv.row_wgrad[ri] = (dyA[r] - dyy[r] * l[r]) * inv[r];
+          }
+        }
+      }
+    }
+
+    // The state takes chunk c-1 (so that it covers chunks <= c-1 for the next query chunk).
+    __syncthreads();                          // every warp is done reading sS, sZ
+    if (has_prev) {
+      state_update<D, LDS, true>(sS, sPhi, Vp);
+      column_sum_update<true>(sZ, sPhi, TL::LDP, nullptr);
+    }
+    __syncthreads();                          // V_{c-1} and sPhi free: fetch V_{c+1}
+    if (c + 1 < c_end)
+      load_rows_async<D>((bf16*)sV + prv * TL::TILE, LDT, vb + (size_t)(c + 1) * CHUNK * kstride, kstride, 64, rows_in(c + 1));
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+}
+
+// ---- segment sums and their prefix ----
+// KEYS: the state contribution S += phi_k^T v, z += phi_k of the chunks between two segment starts, for
+// the forward and the query-side backward: segment s sums chunks [s G - 1, (s+1) G - 2] (a query of chunk
+// c sees chunks <= c-2). !KEYS: R += (phi_q / den)^T dy, r += phi_q delta over query chunks [s G + 1,
+// (s+1) G] for the key-side backward (a key of chunk c is seen by query chunks >= c+2). The block of the
+// last (KEYS) or first (!KEYS) segment has nothing to sum. Output (B, H, nseg, 128, D) and (B, H, nseg, 128).
+struct SegSumArgs {
+  float *segS, *segZ;
+  const bf16 *x, *y, *W;        // KEYS: x = k, W = Wk, y = v;  !KEYS: x = phi_q / den (B, T, H, 128), y = dy
+  const float *den, *delta;     // !KEYS
+  Shape s;
+  int seg_chunks, nseg;
+};
+template <int D>
+struct SegLayout {
+  using TL = Tiles<D>;
+  static constexpr int LDS = D + 8;
+  static constexpr size_t X = 0, Y = X + TL::PT * 2, W = Y + TL::TILE * 2, PHI = W + TL::WT * 2, S = PHI + TL::PT * 2,
+                          Z = S + NF * LDS * 4, SC = Z + NF * 4, BYTES = SC + 64 * 4;
+};
+template <int D, bool KEYS>
+__global__ void __launch_bounds__(128, 1) segment_sum_kernel(SegSumArgs a) {
+  using TL = Tiles<D>;
+  using LY = SegLayout<D>;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2;
+  if (KEYS ? seg == a.nseg - 1 : seg == 0) return;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sX = (bf16*)(smem_raw + LY::X);  // keys (64 x D) or phi_q / den (64 x 128)
+  bf16* sY = (bf16*)(smem_raw + LY::Y);
+  bf16* sW = (bf16*)(smem_raw + LY::W);
+  void* sPhi = (void*)(smem_raw + LY::PHI);
+  float* sS = (float*)(smem_raw + LY::S);
+  float* sZ = (float*)(smem_raw + LY::Z);
+  float* sSc = (float*)(smem_raw + LY::SC);
+  for (int idx = tid; idx < NF * LY::LDS; idx += 128) sS[idx] = 0.0f;
+  sZ[tid] = 0.0f;
+  if (KEYS) load_rows_async<64>(sW, TL::LDW, a.W + (size_t)h * D * 64, 64, D, D);
+  const int c0 = KEYS ? max(0, seg * a.seg_chunks - 1) : seg * a.seg_chunks + 1;
+  const int c1 = min(s.NC - 1, KEYS ? (seg + 1) * a.seg_chunks - 2 : (seg + 1) * a.seg_chunks);
+  for (int c = c0; c <= c1; c++) {
+    const int nval = min(CHUNK, s.T - c * CHUNK);
+    __syncthreads();
+    if (KEYS) {
+      load_rows_async<D>(sX, TL::LDT, a.x + kv_index(s, b, c * CHUNK, hk) * D, (size_t)s.Hkv * D, 64, nval);
+      load_rows_async<D>(sY, TL::LDT, a.y + kv_index(s, b, c * CHUNK, hk) * D, (size_t)s.Hkv * D, 64, nval);
+    } else {
+      load_rows_async<NF>(sX, TL::LDP, a.x + row_index(s, b, c * CHUNK, h) * NF, (size_t)s.H * NF, 64, nval);
+      load_rows_async<D>(sY, TL::LDT, a.y + row_index(s, b, c * CHUNK, h) * D, (size_t)s.H * D, 64, nval);
+      if (tid < 64) {
+        const int i = c * CHUNK + tid;
+        sSc[tid] = i < s.T ? a.delta[row_index(s, b, i, h)] * a.den[row_index(s, b, i, h)] : 0.0f;
+      }
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (KEYS) {
+      tile_bf16_to_f16<D>(sY, TL::LDT, 64);
+      float ph[16][4];
+      feature_map_smem<D>(ph, sX, warp * 16, sW);
+      const int j0 = c * CHUNK + warp * 16;
+      store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
+      __syncthreads();
+      state_update<D, LY::LDS, true>(sS, sPhi, sY);
+      column_sum_update<true>(sZ, sPhi, TL::LDP, nullptr);
+    } else {
+      state_update<D, LY::LDS, false>(sS, sX, sY);
+      column_sum_update<false>(sZ, sX, TL::LDP, sSc);
+    }
+  }
+  __syncthreads();
+  const size_t base = (((size_t)b * s.H + h) * a.nseg + seg) * NF;
+  for (int idx = tid; idx < NF * D; idx += 128) a.segS[(base + idx / D) * D + idx % D] = sS[(idx / D) * LY::LDS + idx % D];
+  a.segZ[base + tid] = sZ[tid];
+}
+// Exclusive prefix over segments, in place: FORWARD: segment s gets the sum of segments < s; otherwise
+// the sum of segments > s. One thread per (b, h, element); a fixed order (deterministic).
+template <bool FORWARD>
+__global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, int BH, int nseg, int D) {
+  const size_t per = (size_t)NF * (D + 1);
+  const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (size_t)BH * per) return;
+  const size_t bh = idx / per, el = idx % per;
+  float acc = 0.0f;
+  for (int n = 0; n < nseg; n++) {
+    const int sg = FORWARD ? n : nseg - 1 - n;
+    float* p = el < (size_t)NF * D ? &segS[((bh * nseg + sg) * NF) * D + el] : &segZ[(bh * nseg + sg) * NF + (el - (size_t)NF * D)];
+    const float x = *p;
+    *p = acc;
+    acc += x;
+  }
+}
+// ---- fast backward ----
+struct FastBwdArgs {
+  bf16 *dq, *phiq_out, *du_q, *du_k;  // phiq_out: (B, T, H, 128) phi_q / den, for the key side
+  float *dm, *dk_acc, *dv_acc;
+  const bf16 *q, *k, *v, *dy, *Wq, *Wk, *phiq_in;
+  const float *wlogit, *segS, *segZ;
+  HybridAttnSaved sv;
+  bool want_window, want_input_grads;
+  Shape s;
+  int seg_chunks;
+};
+template <int D>
+struct BwdQLayout {
+  using TL = Tiles<D>;
+  static constexpr int LDS = D + 8;  // state row stride: the float2 reads (rows g, cols 2t) hit 32 banks
+  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
+                          WK = WQ + TL::WT * 2, PHI = WK + TL::WT * 2, S = PHI + TL::PT * 2, Z = S + NF * LDS * 4,
+                          SK = Z + NF * 4, SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
+};
+
+// Window gradient of one key tile for a warp's 16 query rows: ds = A (g.v - delta), its row sums, and
+// dq += ds K / sqrt(d) when want_dq.
+template <int D, class MASK>
+__device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (&rowsum)[2], const bf16* sQ, int row0,
+                                                 const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V, int nkeys,
+                                                 const float (&m)[2], const float (&inv)[2], const float (&delta)[2],
+                                                 float gamma, float scale, bool want_dq, MASK mask) {
+  const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  float sc[8][4] = {};
+  for (int kt = 0; kt < D / 16; kt++) {
+    uint32_t qa[4];
+    frag_a(qa, sQ, Tiles<D>::LDT, row0, 16 * kt);
+    for (int np = 0; np < nkeys / 16; np++) {
+      uint32_t bb[4];
+      frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
+      mma_bf16(sc[2 * np], qa, bb[0], bb[1]);
+      mma_bf16(sc[2 * np + 1], qa, bb[2], bb[3]);
+    }
+  }
+  float dp[8][4];
+  mul_x_keys<D>(dp, dyf, V, nkeys);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
+  for (int nt = 0; nt < nkeys / 8; nt++)
+    for (int e = 0; e < 4; e++) {
+      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
+      float ds = 0.0f;
+      if (mask(kl, row0 + g + 8 * r))
+        ds = gamma * exp2f((sc[nt][e] * scale - m[r]) * LOG2E) * (dp[nt][e] * inv[r] - delta[r]);
+      rowsum[r] += ds;
+      sc[nt][e] = ds * scale;
+    }
+  if (want_dq) {
+    uint32_t da[4][4];
+    pack_c_to_a<false, 8>(da, sc);
+    mul_a_tile<D, false>(dqa, da, K, nkeys / 16);
+  }
+}
+
+template <int D>
+__global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = BwdQLayout<D>;
+  constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  bf16* sPhi = (bf16*)(smem_raw + LY::PHI);
+  float* sS = (float*)(smem_raw + LY::S);
+  float* sZ = (float*)(smem_raw + LY::Z);
+  bf16* sSK = (bf16*)(smem_raw + LY::SK);
+  bf16* sSV = (bf16*)(smem_raw + LY::SV);
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* qb = a.q + row_index(s, b, 0, h) * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+
+  load_rows_async<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+  load_rows_async<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (s.sinks > 0) {
+    load_rows_async<D>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
+  }
+  if (c_begin >= 1) {
+    const int c = c_begin - 1;
+    load_rows_async<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D>(sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+  }
+  load_rows_async<D>(sK + (c_begin & 1) * TL::TILE, LDT, kb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
+  load_rows_async<D>(sV + (c_begin & 1) * TL::TILE, LDT, vb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
+  load_rows_async<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  cp_async_commit();
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    for (int idx = tid; idx < NF * D; idx += 128) {
+      const int f = idx / D, col = idx % D;
+      sS[f * LDS + col] = seg > 0 ? a.segS[(base + f) * D + col] : 0.0f;
+    }
+    sZ[tid] = seg > 0 ? a.segZ[base + tid] : 0.0f;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  for (int c = c_begin; c < c_end; c++) {
+    const int cur = c & 1, prv = cur ^ 1;
+    const bf16* Kc = sK + cur * TL::TILE;
+    const bf16* Kp = sK + prv * TL::TILE;
+    const bf16* Vc = sV + cur * TL::TILE;
+    const bf16* Vp = sV + prv * TL::TILE;
+    const bool has_prev = c >= 1;
+    const int row0 = warp * 16, i0 = c * CHUNK + row0;
+    cp_async_wait<1>();  // q_c and K_c are in
+    __syncthreads();
+
+    float inv[2], delta[2], m[2];
+    int arg[2];
+    bool valid[2];
+    for (int r = 0; r < 2; r++) {
+      const int i = i0 + g + 8 * r;
+      valid[r] = i < s.T;
+      const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
+      inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
+      delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
+      m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
+      arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
+    }
+    // phi_q (f16 A fragments; phi_q / den also goes out for the key side), then phi_k of chunk c-1.
+    uint32_t phq[8][4];
+    {
+      uint32_t qf[KT][4];
+      for (int kt = 0; kt < KT; kt++) frag_a(qf[kt], sQ, LDT, row0, kt * 16);
+      float ph[16][4];
+      feature_map_regs<D>(ph, qf, sWq);
+      pack_phi_a<true>(phq, ph);
+      for (int r = 0; r < 2; r++)
+        if (valid[r]) {
+          uint32_t* dst = (uint32_t*)(a.phiq_out + row_index(s, b, i0 + g + 8 * r, h) * NF);
+          for (int j = 0; j < 16; j++) dst[4 * j + t] = pack_bf16(ph[j][2 * r] * inv[r], ph[j][2 * r + 1] * inv[r]);
+        }
+      if (has_prev) {
+        feature_map_smem<D>(ph, Kp, row0, sWk);
+        const int j0 = (c - 1) * CHUNK + row0;
+        store_phi<false>(sPhi, TL::LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+      }
+    }
+    uint32_t dyf[KT][4];
+    frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
+    __syncthreads();  // sPhi complete
+
+    // dphi_q = (dy S^T) / den - delta z over chunks <= c-2, plus (sliding) the linear keys of chunk c-1.
+    float dphi[16][4] = {};
+    if (c >= 2) {
+      mul_x_state_t<D, LDS>(dphi, dyf, sS);
+      for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) dphi[j][e] = dphi[j][e] * inv[e >> 1] - delta[e >> 1] * sZ[8 * j + 2 * t + (e & 1)];
+    }
+    if (sliding && has_prev) {
+      float dp[8][4];
+      mul_x_keys<D>(dp, dyf, Vp);
+      const int key0 = (c - 1) * CHUNK;
+      for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) {
+          const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
+          dp[nt][e] = (kl <= rl && key0 + kl >= s.sinks) ? dp[nt][e] * inv[e >> 1] - delta[e >> 1] : 0.0f;
+        }
+      uint32_t da[4][4];
+      pack_c_to_a<false, 8>(da, dp);
+      for (int kk = 0; kk < 4; kk++)
+        for (int np = 0; np < 8; np++) {
+          uint32_t bb[4];
+          frag_b_kn(bb, sPhi, TL::LDP, 16 * kk, 16 * np);
+          mma_bf16(dphi[2 * np], da[kk], bb[0], bb[1]);
+          mma_bf16(dphi[2 * np + 1], da[kk], bb[2], bb[3]);
+        }
+    }
+    float dqa[NT][4] = {};
+    {
+      float du[8][4];
+      phi_backward<true>(du, phq, dphi);
+      for (int r = 0; r < 2; r++)
+        if (valid[r]) {
+          uint32_t* dst = (uint32_t*)(a.du_q + row_index(s, b, i0 + g + 8 * r, h) * 64);
+          for (int j = 0; j < 8; j++) dst[4 * j + t] = pack_bf16(du[j][2 * r], du[j][2 * r + 1]);
+        }
+      if (a.dq) {  // dq += du Wq^T
+        uint32_t ua[4][4];
+        pack_c_to_a<false, 8>(ua, du);
+        for (int kk = 0; kk < 4; kk++)
+          for (int np = 0; np < NT / 2; np++) {
+            uint32_t bb[4];
+            frag_b_nk(bb, sWq, TL::LDW, 16 * np, 16 * kk);
+            mma_bf16(dqa[2 * np], ua[kk], bb[0], bb[1]);
+            mma_bf16(dqa[2 * np + 1], ua[kk], bb[2], bb[3]);
+          }
+      }
+    }
+
+    // Window part: ds over the softmax keys; its row sum is -dL/dm (the max), and feeds dw.
+    if (a.want_window) {
+      cp_async_wait<0>();  // V_c
+      __syncthreads();
+      float rowsum[2] = {0.0f, 0.0f};
+      const bool want_dq = a.dq != nullptr;
+      if (s.sinks > 0 && c >= 2)
+        window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, 16, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int) { return kl < s.sinks; });
+      if (has_prev) {
+        const int key0 = (c - 1) * CHUNK;
+        window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, Kp, Vp, 64, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+      }
+      window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, 64, m, inv, delta, gamma, s.scale, want_dq,
+                          [&](int kl, int rl) { return kl <= rl; });
+      for (int r = 0; r < 2; r++) {
+        rowsum[r] = quad_sum(rowsum[r]);
+        const int i = i0 + g + 8 * r;
+        if (!valid[r]) continue;
+        const size_t ri = row_index(s, b, i, h);
+        if (t == 0) {
+          a.dm[ri] = -rowsum[r];
+          a.sv.row_wgrad[ri] = rowsum[r];
+        }
+        if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
+          const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
+          const float f = -rowsum[r] * s.scale;
+          for (int nt = 0; nt < NT; nt++) {
+            const uint32_t kv2 = kr[4 * nt + t];
+            dqa[nt][2 * r] += f * bf16_lo(kv2);
+            dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+          }
+        }
+      }
+    }
+    if (a.dq)
+      for (int r = 0; r < 2; r++)
+        if (valid[r]) {
+          uint32_t* dst = (uint32_t*)(a.dq + row_index(s, b, i0 + g + 8 * r, h) * D);
+          for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+        }
+
+    __syncthreads();  // sQ, K_{c-1} and the state reads are done
+    if (c + 1 < c_end) {
+      load_rows_async<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+      load_rows_async<D>(sK + prv * TL::TILE, LDT, kb + (size_t)(c + 1) * CHUNK * kstride, kstride, 64, rows_in(c + 1));
+    }
+    cp_async_commit();
+    if (has_prev) {
+      state_update<D, LDS, false>(sS, sPhi, Vp);
+      column_sum_update<false>(sZ, sPhi, TL::LDP, nullptr);
+    }
+    __syncthreads();
+    if (c + 1 < c_end)
+      load_rows_async<D>(sV + prv * TL::TILE, LDT, vb + (size_t)(c + 1) * CHUNK * kstride, kstride, 64, rows_in(c + 1));
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+}
+
+// Key side: walks the segment's key chunks backwards with R = sum over query chunks >= c+2 of
+// (phi_q / den)^T dy and r = sum phi_q delta. For key chunk c: dphi_k = v R^T - r (+ the linear keys seen
+// by query chunk c+1, sliding), dv += phi_k R (+ sliding), then du_k, dk = du_k Wk^T, and R takes chunk c+1.
+template <int D>
+struct BwdKLayout {
+  using TL = Tiles<D>;
+  static constexpr int LDS = D + 8;
+  static constexpr size_t K = 0, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
+                          WK = DY + 2 * TL::TILE * 2, R = WK + TL::WT * 2, RV = R + NF * LDS * 4, DEN = RV + NF * 4,
+                          DD = DEN + 2 * 64 * 4, BYTES = DD + 2 * 64 * 4;
+};
+template <int D>
+__global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = BwdKLayout<D>;
+  constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sPQ = (bf16*)(smem_raw + LY::PQ);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  float* sR = (float*)(smem_raw + LY::R);
+  float* sRv = (float*)(smem_raw + LY::RV);
+  float* sDen = (float*)(smem_raw + LY::DEN);  // [2][64] den of the query rows of chunk c+1
+  float* sDD = (float*)(smem_raw + LY::DD);    // [2][64] delta * den
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
+  const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
+  auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  // Tiles of iteration c: K_c, V_c, and phi_q / den, dy, den, delta of query chunk c+1 (if any).
+  auto load_iter = [&](int c) {
+    const int sl = c & 1;
+    load_rows_async<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
+    load_rows_async<NF>(sPQ + sl * TL::PT, TL::LDP, pqb + (size_t)qc * CHUNK * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async<D>(sDY + sl * TL::TILE, LDT, dyb + (size_t)qc * CHUNK * qstride, qstride, 64, nq);
+    if (tid < 64) {
+      const bool ok = tid < nq;
+      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
+      sDen[sl * 64 + tid] = ok ? a.sv.row_den[ri] : 1.0f;
+      sDD[sl * 64 + tid] = ok ? a.sv.row_delta[ri] * a.sv.row_den[ri] : 0.0f;
+    }
+  };
+  load_rows_async<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_iter(c_end - 1);
+  cp_async_commit();
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    const bool last = seg == (int)gridDim.x - 1;
+    for (int idx = tid; idx < NF * D; idx += 128) {
+      const int f = idx / D, col = idx % D;
+      sR[f * LDS + col] = last ? 0.0f : a.segS[(base + f) * D + col];
+    }
+    sRv[tid] = last ? 0.0f : a.segZ[base + tid];
+  }
+
+  for (int c = c_end - 1; c >= c_begin; c--) {
+    const int sl = c & 1;
+    const bf16* Kc = sK + sl * TL::TILE;
+    const bf16* Vc = sV + sl * TL::TILE;
+    const bf16* PQc = sPQ + sl * TL::PT;
+    const bf16* DYc = sDY + sl * TL::TILE;
+    const float* den = sDen + sl * 64;
+    const float* dd = sDD + sl * 64;
+    const int row0 = warp * 16, j0 = c * CHUNK + row0;
+    const bool has_q = c + 1 < s.NC, has_state = c + 2 < s.NC;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (c - 1 >= c_begin) load_iter(c - 1);
+    cp_async_commit();
+
+    const bool keep0 = j0 + g >= s.sinks && j0 + g < s.T, keep1 = j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T;
+    uint32_t pk[8][4];
+    {
+      float ph[16][4];
+      feature_map_smem<D>(ph, Kc, row0, sWk);
+      for (int j = 0; j < 16; j++) {
+        if (!keep0) ph[j][0] = ph[j][1] = 0.0f;
+        if (!keep1) ph[j][2] = ph[j][3] = 0.0f;
+      }
+      pack_phi_a<false>(pk, ph);
+    }
+    float dphi[16][4] = {};
+    if (has_state) {
+      uint32_t vf[KT][4];
+      for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], Vc, LDT, row0, 16 * kt);
+      mul_x_state_t<D, LDS>(dphi, vf, sR);
+      for (int j = 0; j < 16; j++)
+        for (int e = 0; e < 4; e++) dphi[j][e] -= sRv[8 * j + 2 * t + (e & 1)];
+    }
+    uint32_t bsa[4][4] = {};  // (sliding) the linear weights B^T (keys x queries of chunk c+1), for dv
+    if (sliding && has_q) {
+      float dpt[8][4];
+      {
+        uint32_t vf[KT][4];
+        for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], Vc, LDT, row0, 16 * kt);
+        mul_x_keys<D>(dpt, vf, DYc);  // dP^T = V dy^T
+      }
+      float bst[8][4] = {};
+      for (int k = 0; k < 8; k++)
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          frag_b_nk(bb, PQc, TL::LDP, 16 * np, 16 * k);
+          mma_bf16(bst[2 * np], pk[k], bb[0], bb[1]);
+          mma_bf16(bst[2 * np + 1], pk[k], bb[2], bb[3]);
+        }
+      for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) {
+          const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1);
+          const bool lin = kl <= ql;  // i - j = 64 + ql - kl >= w (sinks and rows past T have phi_k = 0)
+          dpt[nt][e] = lin ? dpt[nt][e] - dd[ql] : 0.0f;  // (g.v - delta) * den
+          bst[nt][e] = lin ? bst[nt][e] : 0.0f;           // phi_k . phi_q / den
+        }
+      uint32_t da[4][4];
+      pack_c_to_a<false, 8>(da, dpt);
+      for (int kk = 0; kk < 4; kk++)
+        for (int np = 0; np < 8; np++) {
+          uint32_t bb[4];
+          frag_b_kn(bb, PQc, TL::LDP, 16 * kk, 16 * np);
+          mma_bf16(dphi[2 * np], da[kk], bb[0], bb[1]);
+          mma_bf16(dphi[2 * np + 1], da[kk], bb[2], bb[3]);
+        }
+      pack_c_to_a<false, 8>(bsa, bst);
+    }
+    {
+      float du[8][4];
+      phi_backward<false>(du, pk, dphi);
+      for (int r = 0; r < 2; r++) {
+        const int j = j0 + g + 8 * r;
+        if (j >= s.T) continue;
+        uint32_t* dst = (uint32_t*)(a.du_k + row_index(s, b, j, h) * 64);
+        for (int jj = 0; jj < 8; jj++) dst[4 * jj + t] = pack_bf16(du[jj][2 * r], du[jj][2 * r + 1]);
+      }
+      if (a.want_input_grads) {
+        uint32_t ua[4][4];
+        pack_c_to_a<false, 8>(ua, du);
+        {
+          float dv[NT][4] = {};
+          if (has_state) mul_feat_state<D, LDS, false>(dv, pk, sR);
+          if (sliding && has_q) mul_a_tile<D, false>(dv, bsa, DYc);
+          for (int r = 0; r < 2; r++) {
+            const int j = j0 + g + 8 * r;
+            if (j >= s.T) continue;
+            float* dst = a.dv_acc + kv_index(s, b, j, hk) * D;
+            for (int nt = 0; nt < NT; nt++) {
+              atomicAdd(&dst[8 * nt + 2 * t], dv[nt][2 * r]);
+              atomicAdd(&dst[8 * nt + 2 * t + 1], dv[nt][2 * r + 1]);
+            }
+          }
+        }
+        float dka[NT][4] = {};
+        for (int kk = 0; kk < 4; kk++)
+          for (int np = 0; np < NT / 2; np++) {
+            uint32_t bb[4];
+            frag_b_nk(bb, sWk, TL::LDW, 16 * np, 16 * kk);
+            mma_bf16(dka[2 * np], ua[kk], bb[0], bb[1]);
+            mma_bf16(dka[2 * np + 1], ua[kk], bb[2], bb[3]);
+          }
+        for (int r = 0; r < 2; r++) {
+          const int j = j0 + g + 8 * r;
+          if (j >= s.T) continue;
+          float* dst = a.dk_acc + kv_index(s, b, j, hk) * D;
+          for (int nt = 0; nt < NT; nt++) {
+            atomicAdd(&dst[8 * nt + 2 * t], dka[nt][2 * r]);
+            atomicAdd(&dst[8 * nt + 2 * t + 1], dka[nt][2 * r + 1]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done reading R
+    if (has_q) {
+      state_update<D, LDS, false>(sR, PQc, DYc);
+      column_sum_update<false>(sRv, PQc, TL::LDP, dd);
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
+// key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
+// ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
+template <int D>
+struct WinLayout {
+  using TL = Tiles<D>;
+  static constexpr size_t K = 0, V = K + TL::TILE * 2, Q = V + TL::TILE * 2, DY = Q + 2 * TL::TILE * 2,
+                          DK = DY + 2 * TL::TILE * 2, ST = DK + 64 * (D + 4) * 4, BYTES = ST + 2 * 5 * 64 * 4;
+};
+template <int D>
+__global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = WinLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT, KT = TL::KT, LDK = D + 4;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  float* sDK = (float*)(smem_raw + LY::DK);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
+  load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  for (int u = 0; u < nq_chunks; u++) {
+    const int qc = c + u;
+    load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+    load_rows_async<D>(sDY + u * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+    if (tid < 64) {
+      const int i = qc * CHUNK + tid;
+      const bool ok = i < s.T;
+      const size_t ri = row_index(s, b, ok ? i : 0, h);
+      float* st = sSt + u * 5 * 64;
+      st[tid] = ok ? a.sv.row_max[ri] : 0.0f;
+      st[64 + tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
+      st[128 + tid] = ok ? a.sv.row_delta[ri] : 0.0f;
+      st[192 + tid] = ok ? a.dm[ri] : 0.0f;
+      st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
+    }
+  }
+  cp_async_commit();
+  for (int idx = tid; idx < 64 * LDK; idx += 128) sDK[idx] = 0.0f;
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int row0 = warp * 16, j0 = c * CHUNK + row0;
+  float dv[NT][4] = {};
+  for (int u = 0; u < nq_chunks; u++) {
+    const bf16* Q = sQ + u * TL::TILE;
+    const bf16* DY = sDY + u * TL::TILE;
+    const float* st = sSt + u * 5 * 64;
+    uint32_t ap[4][4], dsp[4][4];
+    {
+      float sc[8][4], dpt[8][4];
+      {
+        uint32_t kf[KT][4];
+        for (int kt = 0; kt < KT; kt++) frag_a(kf[kt], sK, LDT, row0, 16 * kt);
+        mul_x_keys<D>(sc, kf, Q);  // s^T = K q^T (keys x queries)
+      }
+      {
+        uint32_t vf[KT][4];
+        for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], sV, LDT, row0, 16 * kt);
+        mul_x_keys<D>(dpt, vf, DY);  // dP^T = V dy^T
+      }
+      for (int nt = 0; nt < 8; nt++)
+        for (int e = 0; e < 4; e++) {
+          const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
+          bool win;
+          if (u == 0) win = kl <= ql;
+          else win = !sliding || ql < kl || j < s.sinks;
+          win = win && j < s.T && st[64 + ql] != 0.0f;  // a real key and a real query
+          float A = 0.0f, ds = 0.0f;
+          if (win) {
+            A = gamma * exp2f((sc[nt][e] * s.scale - st[ql]) * LOG2E);
+            ds = A * (dpt[nt][e] * st[64 + ql] - st[128 + ql]);
+            if (__float_as_int(st[256 + ql]) == j) ds += st[192 + ql];
+          }
+          sc[nt][e] = A * st[64 + ql];  // A^T / den: dv = sum_i A_ij dy_i / den_i
+          dpt[nt][e] = ds * s.scale;
+        }
+      pack_c_to_a<false, 8>(ap, sc);
+      pack_c_to_a<false, 8>(dsp, dpt);
+    }
+    mul_a_tile<D, false>(dv, ap, DY);
+    float dk[NT][4] = {};
+    mul_a_tile<D, false>(dk, dsp, Q);
+    for (int nt = 0; nt < NT; nt++)
+      for (int e = 0; e < 4; e++) sDK[(row0 + g + 8 * (e >> 1)) * LDK + 8 * nt + 2 * t + (e & 1)] += dk[nt][e];
+  }
+  for (int r = 0; r < 2; r++) {
+    const int j = j0 + g + 8 * r;
+    if (j >= s.T) continue;
+    float* dvd = a.dv_acc + kv_index(s, b, j, hk) * D;
+    float* dkd = a.dk_acc + kv_index(s, b, j, hk) * D;
+    for (int nt = 0; nt < NT; nt++)
+      for (int e = 0; e < 2; e++) {
+        const int col = 8 * nt + 2 * t + e;
+        atomicAdd(&dvd[col], dv[nt][2 * r + e]);
+        atomicAdd(&dkd[col], sDK[(row0 + g + 8 * r) * LDK + col]);
+      }
+  }
+}
+
+// dW_h (d x 64) partial sums over row splits: part[z][split][h] = sum x^T du over the split's rows of
+// B*T (z = 0: queries, du_q; z = 1: keys of head h's kv head, du_k). Tensor cores; fixed order.
+struct WeightGradArgs {
+  float* part;
+  const bf16 *q, *k, *du_q, *du_k;
+  Shape s;
+  int rows_per_split;
+};
+template <int D>
+struct WgLayout {
+  using TL = Tiles<D>;
+  static constexpr size_t X = 0, DU = X + 2 * TL::TILE * 2, BYTES = DU + 2 * 64 * TL::LDW * 2;
+};
+template <int D>
+__global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
+  using TL = Tiles<D>;
+  using LY = WgLayout<D>;
+  constexpr int MT = D / 64;  // 16-row m-tiles per warp (warp w owns d rows [w D/4, (w+1) D/4))
+  const Shape& s = a.s;
+  const int split = blockIdx.x, h = blockIdx.y, z = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sX = (bf16*)(smem_raw + LY::X);
+  bf16* sDU = (bf16*)(smem_raw + LY::DU);
+  const int Hx = z == 0 ? s.H : s.Hkv, hx = z == 0 ? h : h / s.group;
+  const bf16* x = (z == 0 ? a.q : a.k) + (size_t)hx * D;
+  const bf16* du = (z == 0 ? a.du_q : a.du_k) + (size_t)h * 64;
+  const long long BT = (long long)s.B * s.T;
+  const long long r_begin = (long long)split * a.rows_per_split, r_end = min(BT, r_begin + a.rows_per_split);
+  const int ntiles = r_end > r_begin ? (int)((r_end - r_begin + 63) / 64) : 0;
+  auto load = [&](int it) {
+    const long long r0 = r_begin + 64LL * it;
+    const int nval = (int)min(64LL, r_end - r0);
+    load_rows_async<D>(sX + (it & 1) * TL::TILE, TL::LDT, x + r0 * Hx * D, (size_t)Hx * D, 64, nval);
+    load_rows_async<64>(sDU + (it & 1) * 64 * TL::LDW, TL::LDW, du + r0 * s.H * 64, (size_t)s.H * 64, 64, nval);
+  };
+  float acc[MT][8][4] = {};
+  if (ntiles > 0) load(0);
+  cp_async_commit();
+  for (int it = 0; it < ntiles; it++) {
+    if (it + 1 < ntiles) load(it + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16* X = sX + (it & 1) * TL::TILE;
+    const bf16* U = sDU + (it & 1) * 64 * TL::LDW;
+    for (int kk = 0; kk < 4; kk++)
+      for (int mt = 0; mt < MT; mt++) {
+        uint32_t xa[4];
+        frag_a_t(xa, X, TL::LDT, warp * (D / 4) + 16 * mt, 16 * kk);
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          frag_b_kn(bb, U, TL::LDW, 16 * kk, 16 * np);
+          mma_bf16(acc[mt][2 * np], xa, bb[0], bb[1]);
+          mma_bf16(acc[mt][2 * np + 1], xa, bb[2], bb[3]);
+        }
+      }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  float* out = a.part + (((size_t)z * gridDim.x + split) * s.H + h) * D * 64;
+  for (int mt = 0; mt < MT; mt++)
+    for (int nt = 0; nt < 8; nt++) {
+      const int r = warp * (D / 4) + 16 * mt + g, col = 8 * nt + 2 * t;
+      out[r * 64 + col] = acc[mt][nt][0];
+      out[r * 64 + col + 1] = acc[mt][nt][1];
+      out[(r + 8) * 64 + col] = acc[mt][nt][2];
+      out[(r + 8) * 64 + col + 1] = acc[mt][nt][3];
+    }
+}
+// dWq += sum of the query partials, dWk += the key partials (fixed order).
+__global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float* __restrict__ dWk, const float* __restrict__ part,
+                                          size_t n, int splits) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 2 * n) return;
+  const int z = (int)(i / n);
+  const size_t e = i % n;
+  float acc = 0.0f;
+  for (int sp = 0; sp < splits; sp++) acc += part[((size_t)z * splits + sp) * n + e];
+  (z == 0 ? dWq : dWk)[e] += acc;
+}
+
+// ---- workspace layout --------------------------------------------------------------------------
+struct Workspace {
+  float *phiq, *phik, *St, *zt;  // generic path: (B,T,H,2f) x2, per-chunk states (B,H,NC,2f,d), (B,H,NC,2f)
+  float *segS, *segZ;            // fast path: per-segment states (B,H,nseg,128,d), (B,H,nseg,128)
+  float *row_sq, *dm;            // (B,T,H)
+  bf16 *du_q, *du_k;             // (B,T,H,f)
+  float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
+  float* dW_part;                // fast path: (2, WG_SPLITS, H, d, f)
+  bf16* phiq_bf;                 // fast path: (B,T,H,128) phi_q / den, query side -> key side
+};
+inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
+inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
+constexpr int WG_SPLITS = 4;  // row splits of the fast weight-gradient reduction
+
+inline size_t carve(size_t& off, size_t bytes) {
+  const size_t at = off;
+  off += (bytes + 255) / 256 * 256;
+  return at;
+}
+inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t* total) {
+  const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
+  const size_t NC = ceil_div(p.T, CHUNK), F2 = 2 * (size_t)p.f;
+  const bool fast = hybrid_uses_fast_path(p);
+  char* c = (char*)base;
+  size_t off = 0;
+  Workspace w{};
+  auto take = [&](size_t bytes) { const size_t at = carve(off, bytes); return c ? (void*)(c + at) : nullptr; };
+  if (!fast) {
+    w.phiq = (float*)take(rows * F2 * 4);
+    w.phik = (float*)take(rows * F2 * 4);
+    w.St = (float*)take((size_t)p.B * p.H * NC * F2 * p.d * 4);
+    w.zt = (float*)take((size_t)p.B * p.H * NC * F2 * 4);
+  } else {
+    const size_t nseg = num_segments(p);
+    w.segS = (float*)take((size_t)p.B * p.H * nseg * 128 * p.d * 4);
+    w.segZ = (float*)take((size_t)p.B * p.H * nseg * 128 * 4);
+    w.dW_part = (float*)take((size_t)2 * WG_SPLITS * p.H * p.d * p.f * 4);
+    w.phiq_bf = (bf16*)take(rows * 128 * 2);
+  }
+  w.row_sq = (float*)take(rows * 4);
+  w.dm = (float*)take(rows * 4);
+  w.du_q = (bf16*)take(rows * p.f * 2);
+  w.du_k = (bf16*)take(rows * p.f * 2);
+  w.dk_acc = (float*)take(kv * 4);
+  w.dv_acc = (float*)take(kv * 4);
+  if (total) *total = off;
+  return w;
+}
+
+// ---- fast path host side ----
+template <int D>
+inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
+                              const HybridAttnSaved& saved, const Workspace& ws, cudaStream_t stream) {
+  const int G = seg_chunks(p), nseg = num_segments(p);
+  if (nseg <= 1) return;
+  const dim3 grid(nseg, p.H, p.B);
+  SegSumArgs sa{ws.segS, ws.segZ, x, y, W, saved.row_den, saved.row_delta, s, G, nseg};
+  if (keys) {
+    set_max_smem(segment_sum_kernel<D, true>, SegLayout<D>::BYTES);
+    segment_sum_kernel<D, true><<<grid, 128, SegLayout<D>::BYTES, stream>>>(sa);
+    CUDA_LAUNCH_CHECK();
+    segment_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(ws.segS, ws.segZ, p.B * p.H, nseg, D);
+  } else {
+    set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES);
+    segment_sum_kernel<D, false><<<grid, 128, SegLayout<D>::BYTES, stream>>>(sa);
+    CUDA_LAUNCH_CHECK();
+    segment_scan_kernel<false><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(ws.segS, ws.segZ, p.B * p.H, nseg, D);
+  }
+  CUDA_LAUNCH_CHECK();
+}
+
+template <int D>
+inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
+                           const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved, const Workspace& ws,
+                           const HybridStage1Loss* loss, cudaStream_t stream) {
+  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, stream);
+  const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
+  FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, ws.segS, ws.segZ, saved, ws.row_sq,
+                 loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
+  set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
+  fast_forward_kernel<D><<<dim3(num_segments(p), p.H, p.B), 128, FwdLayout<D>::BYTES, stream>>>(fa);
+  CUDA_LAUNCH_CHECK();
+}
+
+template <int D>
+inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
+                            const HybridAttnWeights& wts, const bf16* dy, const HybridAttnSaved& saved, const Workspace& ws,
+                            const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
+  const bool input_grads = grads.dq || grads.dk || grads.dv;
+  const dim3 grid(num_segments(p), p.H, p.B);
+  FastBwdArgs ba{grads.dq, ws.phiq_bf, ws.du_q, ws.du_k, ws.dm, ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.Wq, wts.Wk,
+                 ws.phiq_bf, wts.w, ws.segS, ws.segZ, saved, input_grads || (!fused && grads.dw != nullptr), input_grads,
+                 s, seg_chunks(p)};
+  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, stream);
+  set_max_smem(fast_backward_query_kernel<D>, BwdQLayout<D>::BYTES);
+  fast_backward_query_kernel<D><<<grid, 128, BwdQLayout<D>::BYTES, stream>>>(ba);
+  CUDA_LAUNCH_CHECK();
+  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, stream);
+  set_max_smem(fast_backward_key_kernel<D>, BwdKLayout<D>::BYTES);
+  fast_backward_key_kernel<D><<<grid, 128, BwdKLayout<D>::BYTES, stream>>>(ba);
+  CUDA_LAUNCH_CHECK();
+  if (input_grads) {
+    set_max_smem(fast_window_kv_kernel<D>, WinLayout<D>::BYTES);
+    fast_window_kv_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+  }
+  const long long BT = (long long)p.B * p.T;
+  WeightGradArgs wa{ws.dW_part, q, k, ws.du_q, ws.du_k, s, (int)((BT + WG_SPLITS * 64 - 1) / (WG_SPLITS * 64) * 64)};
+  set_max_smem(weight_grad_kernel<D>, WgLayout<D>::BYTES);
+  weight_grad_kernel<D><<<dim3(WG_SPLITS, p.H, 2), 128, WgLayout<D>::BYTES, stream>>>(wa);
+  CUDA_LAUNCH_CHECK();
+  const size_t nW = (size_t)p.H * p.d * p.f;
+  weight_grad_reduce_kernel<<<ceil_div(2 * nW, 256), 256, 0, stream>>>(grads.dWq, grads.dWk, ws.dW_part, nW, WG_SPLITS);
+  CUDA_LAUNCH_CHECK();
+}
+
+inline void fast_forward(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
+                         const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved, const Workspace& ws,
+                         const HybridStage1Loss* loss, cudaStream_t stream) {
+  if (p.d == 128) fast_forward_d<128>(p, s, q, k, v, wts, y, saved, ws, loss, stream);
+  else fast_forward_d<64>(p, s, q, k, v, wts, y, saved, ws, loss, stream);
+}
+inline void fast_backward(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
+                          const HybridAttnWeights& wts, const bf16* dy, const HybridAttnSaved& saved, const Workspace& ws,
+                          const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
+  if (p.d == 128) fast_backward_d<128>(p, s, q, k, v, wts, dy, saved, ws, grads, fused, stream);
+  else fast_backward_d<64>(p, s, q, k, v, wts, dy, saved, ws, grads, fused, stream);
+}
+
+}  // namespace hybrid_detail
+
+// ================================================================================================
+// Host functions
+// ================================================================================================
+
+inline void hybrid_check_params(const HybridAttnParams& p) {
+  if (p.B < 1 || p.T < 1 || p.H < 1 || p.Hkv < 1) fatal("hybrid attention: bad shape B=%d T=%d H=%d Hkv=%d", p.B, p.T, p.H, p.Hkv);
+  if (p.H % p.Hkv != 0) fatal("hybrid attention: H=%d is not a multiple of Hkv=%d", p.H, p.Hkv);
+  if (p.d != 8 && p.d != 16 && p.d != 32 && p.d != 64 && p.d != 128)
+    fatal("hybrid attention: head dim %d not supported (8, 16, 32, 64, 128)", p.d);
+  if (p.f < 1 || p.f > HYBRID_MAX_F) fatal("hybrid attention: feature dim %d not in 1..%d", p.f, HYBRID_MAX_F);
+  if (p.window != HYBRID_WINDOW) fatal("hybrid attention: window %d not supported (the kernels use %d)", p.window, HYBRID_WINDOW);
+  if (p.geometry != HYBRID_TERRACE && p.geometry != HYBRID_SLIDING) fatal("hybrid attention: unknown geometry %d", p.geometry);
+  if (p.sinks < 0 || p.sinks > HYBRID_MAX_SINKS) fatal("hybrid attention: %d sinks not in 0..%d", p.sinks, HYBRID_MAX_SINKS);
+}
+
+inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo) {
+  const size_t rows = (size_t)p.B * p.T * p.H;
+  size_t off = 0;
+  for (int i = 0; i < 5; i++) hybrid_detail::carve(off, rows * 4);
+  if (with_dy) hybrid_detail::carve(off, rows * p.d * 2);
+  if (with_ylo) hybrid_detail::carve(off, rows * p.d * 2);
+  return off;
+}
+inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo) {
+  const size_t rows = (size_t)p.B * p.T * p.H;
+  char* c = (char*)base;
+  size_t off = 0;
+  HybridAttnSaved s;
+  s.row_max = (float*)(c + hybrid_detail::carve(off, rows * 4));
+  s.row_den = (float*)(c + hybrid_detail::carve(off, rows * 4));
+  s.row_argmax = (int*)(c + hybrid_detail::carve(off, rows * 4));
+  s.row_delta = (float*)(c + hybrid_detail::carve(off, rows * 4));
+  s.row_wgrad = (float*)(c + hybrid_detail::carve(off, rows * 4));
+  s.dy = with_dy ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
+  s.y_lo = with_ylo ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
+  return s;
+}
+inline size_t hybrid_workspace_bytes(const HybridAttnParams& p) {
+  size_t total = 0;
+  hybrid_detail::workspace_layout(nullptr, p, &total);
+  return total;
+}
+
+inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
+                                     const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved,
+                                     void* workspace, const HybridStage1Loss* loss, cudaStream_t stream) {
+  using namespace hybrid_detail;
+  hybrid_check_params(p);
+  if (loss && (!loss->y_true || !loss->mse || !saved.dy)) fatal("hybrid attention: the stage-1 loss needs y_true, mse and saved.dy");
+  const Shape s = make_shape(p);
+  Workspace ws = workspace_layout(workspace, p, nullptr);
+  const size_t rows = (size_t)p.B * p.T * p.H;
+  const float inv_n = 1.0f / (float)(rows * p.d);
+  if (hybrid_uses_fast_path(p)) {
+    fast_forward(p, s, q, k, v, wts, y, saved, ws, loss, stream);
+  } else {
+    const int F2 = 2 * p.f;
+    generic_feature_map_kernel<<<ceil_div(rows, 4), 128, 0, stream>>>(ws.phiq, q, wts.Wq, s, p.H);
+    CUDA_LAUNCH_CHECK();
+    generic_feature_map_kernel<<<ceil_div(rows, 4), 128, 0, stream>>>(ws.phik, k, wts.Wk, s, p.Hkv);
+    CUDA_LAUNCH_CHECK();
+    const dim3 grid(s.NC, p.H, p.B);
+    generic_chunk_sum_kernel<true><<<grid, 256, 0, stream>>>(ws.St, ws.zt, ws.phik, v, nullptr, nullptr, s);
+    CUDA_LAUNCH_CHECK();
+    generic_chunk_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * F2 * (p.d + 1), 256), 256, 0, stream>>>(ws.St, ws.zt, s);
+    CUDA_LAUNCH_CHECK();
+    GenericFwdArgs a{y, q, k, v, loss ? loss->y_true : nullptr, ws.phiq, ws.phik, ws.St, ws.zt, wts.w, saved,
+                     ws.row_sq, loss ? loss->grad_scale : 0.0f, inv_n, s};
+    generic_forward_kernel<<<grid, 128, 0, stream>>>(a);
+    CUDA_LAUNCH_CHECK();
+  }
+  if (loss) {
+    sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.row_sq, rows, inv_n);
+    CUDA_LAUNCH_CHECK();
+  }
+}
+
+inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
+                                      const HybridAttnWeights& wts, const bf16* y, const bf16* dy,
+                                      const HybridAttnSaved& saved, void* workspace, const HybridAttnGrads& grads,
+                                      cudaStream_t stream) {
+  using namespace hybrid_detail;
+  hybrid_check_params(p);
+  if (!grads.dWq || !grads.dWk) fatal("hybrid attention backward: dWq and dWk are required");
+  const bool fused = dy == nullptr;
+  if (fused && !saved.dy) fatal("hybrid attention backward: no dy given and the forward did not fuse the stage-1 loss");
+  if (!fused && !y) fatal("hybrid attention backward: y (the forward output) is required with dy");
+  const Shape s = make_shape(p);
+  Workspace ws = workspace_layout(workspace, p, nullptr);
+  const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
+  const bool input_grads = grads.dq || grads.dk || grads.dv;
+  const bf16* g = fused ? saved.dy : dy;
+  if (!fused) {
+    delta_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(saved.row_delta, dy, y, saved.y_lo, saved.row_den, rows, p.d);
+    CUDA_LAUNCH_CHECK();
+  }
+  if (input_grads) {
+    CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
+    CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
+  }
+  if (hybrid_uses_fast_path(p)) {
+    fast_backward(p, s, q, k, v, wts, g, saved, ws, grads, fused, stream);
+  } else {
+    const int F2 = 2 * p.f;
+    const dim3 grid(s.NC, p.H, p.B);
+    const int scan_blocks = ceil_div((size_t)p.B * p.H * F2 * (p.d + 1), 256);
+    generic_feature_map_kernel<<<ceil_div(rows, 4), 128, 0, stream>>>(ws.phiq, q, wts.Wq, s, p.H);
+    CUDA_LAUNCH_CHECK();
+    generic_feature_map_kernel<<<ceil_div(rows, 4), 128, 0, stream>>>(ws.phik, k, wts.Wk, s, p.Hkv);
+    CUDA_LAUNCH_CHECK();
+    generic_chunk_sum_kernel<true><<<grid, 256, 0, stream>>>(ws.St, ws.zt, ws.phik, v, nullptr, nullptr, s);
+    CUDA_LAUNCH_CHECK();
+    generic_chunk_scan_kernel<true><<<scan_blocks, 256, 0, stream>>>(ws.St, ws.zt, s);
+    CUDA_LAUNCH_CHECK();
+    GenericBwdArgs a{grads.dq, ws.du_q, ws.dm, ws.dk_acc, ws.dv_acc, q, k, v, g, wts.Wq, wts.Wk,
+                     ws.phiq, ws.phik, ws.St, ws.zt, wts.w, saved, input_grads || (!fused && grads.dw), input_grads, s};
+    generic_backward_query_kernel<<<grid, 128, 0, stream>>>(a);
+    CUDA_LAUNCH_CHECK();
+    generic_chunk_sum_kernel<false><<<grid, 256, 0, stream>>>(ws.St, ws.zt, ws.phiq, g, saved.row_den, saved.row_delta, s);
+    CUDA_LAUNCH_CHECK();
+    generic_chunk_scan_kernel<false><<<scan_blocks, 256, 0, stream>>>(ws.St, ws.zt, s);
+    CUDA_LAUNCH_CHECK();
+    a.du = ws.du_k;
+    generic_backward_key_kernel<<<grid, 128, 0, stream>>>(a);
+    CUDA_LAUNCH_CHECK();
+    const size_t nW = (size_t)p.H * p.d * p.f;
+    generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWq, q, ws.du_q, s, p.H);
+    CUDA_LAUNCH_CHECK();
+    generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWk, k, ws.du_k, s, p.Hkv);
+    CUDA_LAUNCH_CHECK();
+  }
+  if (grads.dw) {
+    window_grad_kernel<<<p.H, 256, 0, stream>>>(grads.dw, saved.row_wgrad, wts.w, p.B * p.T, p.H);
+    CUDA_LAUNCH_CHECK();
+  }
+  if (input_grads) {
+    if (p.sinks > 0) {
+      sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, g, wts.w, saved, ws.dm, s);
+      CUDA_LAUNCH_CHECK();
+    }
+    if (grads.dk) {
+      f32_to_bf16_kernel<<<ceil_div(kv, 256), 256, 0, stream>>>(grads.dk, ws.dk_acc, kv);
+      CUDA_LAUNCH_CHECK();
+    }
+    if (grads.dv) {
+      f32_to_bf16_kernel<<<ceil_div(kv, 256), 256, 0, stream>>>(grads.dv, ws.dv_acc, kv);
+      CUDA_LAUNCH_CHECK();
+    }
+  }
+}
