@@ -1533,8 +1533,12 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
     for (int e = 0; e < 4; e++) {
       const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
       float ds = 0.0f;
-      if (mask(kl, row0 + g + 8 * r))
-        ds = gamma * exp2f((sc[nt][e] * scale - m[r]) * LOG2E) * (dp[nt][e] * inv[r] - delta[r]);
+      if (mask(kl, row0 + g + 8 * r)) {
+        // p rounded to f16 as the forward multiplied it, so that sum_j ds_ij (dw, and the max's gradient)
+        // is formed from the same weights as the forward's output, not a 2^-11 neighbour of them
+        const float p = __half2float(__float2half(exp2f((sc[nt][e] * scale - m[r]) * LOG2E)));
+        ds = gamma * p * (dp[nt][e] * inv[r] - delta[r]);
+      }
       rowsum[r] += ds;
       sc[nt][e] = ds * scale;
     }
