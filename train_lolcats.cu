@@ -391,7 +391,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
       const bool improved = v < s.best_val;
       if (improved) s.best_val = v;
       const bool reduced = lr_schedule_on_eval(s.sched, v);
-      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"val_loss\": %.6g, \"best_val_loss\": %.6g, \"val_layer_mse\": %s}\n",
+      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"val_loss\": %.17g, \"best_val_loss\": %.17g, \"val_layer_mse\": %s}\n",
               (long long)s.opt.step, (unsigned long long)s.tokens_seen, v, s.best_val, json_array(lm).c_str());
       fflush(log);
       printf("step %6lld | val loss %.5f (mean layer MSE %.3e)%s%s\n", (long long)s.opt.step, v, v / o.mse_factor,
@@ -443,7 +443,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
              "MFU %.1f%% | %.1f GiB | ETA %s\n",
              (long long)s.opt.step, total_steps, loss, mn, loss / o.mse_factor, mx, worst, lr, toks,
              100.0 * tflops / device_peak_tflops(), peak_memory_gib(), fmt_duration(eta).c_str());
-      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"loss\": %.6g, \"lr\": %.6g, \"grad_norm\": %.6g, "
+      fprintf(log, "{\"step\": %lld, \"tokens\": %llu, \"loss\": %.17g, \"lr\": %.6g, \"grad_norm\": %.9g, "
               "\"layer_mse_min\": %.6g, \"layer_mse_max\": %.6g, \"worst_layer\": %d, \"tokens_per_s\": %.1f, "
               "\"tflops\": %.2f, \"peak_gib\": %.3f, \"elapsed_s\": %.2f}\n",
               (long long)s.opt.step, (unsigned long long)s.tokens_seen, loss, lr, gn.norm, mn, mx, worst, toks, tflops,
