@@ -15,6 +15,7 @@
 // ================================================================================================
 
 enum HybridGeometry { HYBRID_TERRACE = 0, HYBRID_SLIDING = 1 };
+enum HybridImpl { HYBRID_IMPL_AUTO = 0, HYBRID_IMPL_PLAIN = 1, HYBRID_IMPL_TENSOR = 2 };
 
 constexpr int HYBRID_WINDOW = 64;     // the only window the kernels support (it is also the chunk)
 constexpr int HYBRID_MAX_SINKS = 16;  // sink positions the kernels support
@@ -29,6 +30,7 @@ struct HybridAttnParams {
   int sinks = 0;                     // the first `sinks` positions are always softmax keys, 0..16
   int seg_chunks = 0;                // fast path: chunks walked by one thread block (0 = default 16);
                                      // tests set it small to exercise the segment prefixes
+  int impl = HYBRID_IMPL_AUTO;       // AUTO: tensor cores when the shape allows; PLAIN / TENSOR force one
 };
 
 // Feature maps and window factors as the kernels read them (the optimizer keeps fp32 masters).
@@ -94,7 +96,9 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
                                       cudaStream_t stream);
 
 // Which implementation runs these shapes: the tensor-core kernels (d 64 or 128, f 64) or the plain ones.
-inline bool hybrid_uses_fast_path(const HybridAttnParams& p) { return (p.d == 64 || p.d == 128) && p.f == 64; }
+inline bool hybrid_uses_fast_path(const HybridAttnParams& p) {
+  return p.impl != HYBRID_IMPL_PLAIN && (p.d == 64 || p.d == 128) && p.f == 64;
+}
 
 // ================================================================================================
 // Implementation
@@ -288,6 +292,7 @@ __global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restric
   const float gamma = sigmoidf_(wlogit[h]);
   for (int j = warp; j < s.sinks; j += nwarps) {
     float kj[4], vj[4], dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0};
+    #pragma unroll
     for (int u = 0; u < 4; u++) {
       const int c = lane + 32 * u;
       kj[u] = c < s.d ? __bfloat162float(k[kv_index(s, b, j, hk) * s.d + c]) : 0.0f;
@@ -297,6 +302,7 @@ __global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restric
       const size_t r = row_index(s, b, i, h);
       float qi[4], gi[4], sdot = 0.0f, gv = 0.0f;
       const float inv_den = 1.0f / sv.row_den[r];
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int c = lane + 32 * u;
         qi[u] = c < s.d ? __bfloat162float(q[r * s.d + c]) : 0.0f;
@@ -309,11 +315,13 @@ __global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restric
       const float A = gamma * expf(sdot - sv.row_max[r]);
       float ds = A * (gv - sv.row_delta[r]);
       if (sv.row_argmax[r] == j) ds += dm[r];
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         dk[u] += ds * s.scale * qi[u];
         dv[u] += A * gi[u];
       }
     }
+    #pragma unroll
     for (int u = 0; u < 4; u++) {
       const int c = lane + 32 * u;
       if (c < s.d) {
@@ -343,17 +351,20 @@ __global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* 
   float u[2] = {0.0f, 0.0f};
   for (int c = 0; c < s.d; c++) {
     const float xc = __bfloat162float(xr[c]);
+    #pragma unroll
     for (int e = 0; e < 2; e++) {
       const int j = lane + 32 * e;
       if (j < s.f) u[e] += xc * __bfloat162float(Wh[(size_t)c * s.f + j]);
     }
   }
   float mx = -INFINITY, mn = INFINITY;
+  #pragma unroll
   for (int e = 0; e < 2; e++)
     if (lane + 32 * e < s.f) { mx = fmaxf(mx, u[e]); mn = fminf(mn, u[e]); }
   mx = warp_max(mx);
   mn = -warp_max(-mn);
   float ep[2], em[2], sp = 0.0f, sm = 0.0f;
+  #pragma unroll
   for (int e = 0; e < 2; e++) {
     const bool ok = lane + 32 * e < s.f;
     ep[e] = ok ? expf(u[e] - mx) : 0.0f;
@@ -364,6 +375,7 @@ __global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* 
   sp = warp_sum(sp);
   sm = warp_sum(sm);
   float* out = phi + row * 2 * s.f;
+  #pragma unroll
   for (int e = 0; e < 2; e++) {
     const int j = lane + 32 * e;
     if (j < s.f) {
@@ -502,6 +514,7 @@ __global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdArgs a) 
     __syncwarp();
     const float den = sumA + sumB + denS;
     float yv[4], numA[4];
+    #pragma unroll
     for (int u = 0; u < 4; u++) {
       const int col = lane + 32 * u;
       yv[u] = numA[u] = 0.0f;
@@ -524,6 +537,7 @@ __global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdArgs a) 
     }
     if (a.y_true) {  // stage 1: squared error, dy, delta and the window-factor term of this row
       float sq = 0.0f, dyy = 0.0f, dyA = 0.0f;
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int col = lane + 32 * u;
         if (col >= s.d) continue;
@@ -564,6 +578,7 @@ struct GenericBwdArgs {
 // dphi and phi in shared memory (2f each); returns du for j = lane and lane + 32.
 __device__ __forceinline__ void generic_phi_backward(float (&du)[2], const float* phi, const float* dphi, int f) {
   float dp = 0.0f, dm = 0.0f;
+  #pragma unroll
   for (int e = 0; e < 2; e++) {
     const int j = threadIdx.x % 32 + 32 * e;
     if (j < f) {
@@ -573,6 +588,7 @@ __device__ __forceinline__ void generic_phi_backward(float (&du)[2], const float
   }
   dp = warp_sum(dp);
   dm = warp_sum(dm);
+  #pragma unroll
   for (int e = 0; e < 2; e++) {
     const int j = threadIdx.x % 32 + 32 * e;
     du[e] = 0.0f;
@@ -626,6 +642,7 @@ __global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdA
       __syncwarp();
       const float dmi = -rowsum;
       const int jmax = a.sv.row_argmax[ri];
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int col = lane + 32 * u;
         if (col >= s.d) continue;
@@ -660,6 +677,7 @@ __global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdA
     __syncwarp();
     float du[2];
     generic_phi_backward(du, s_phi[warp], s_dphi[warp], s.f);
+    #pragma unroll
     for (int e = 0; e < 2; e++) {
       const int j = lane + 32 * e;
       if (j < s.f) {
@@ -669,6 +687,7 @@ __global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdA
     }
     __syncwarp();
     if (a.dq) {
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int col = lane + 32 * u;
         if (col >= s.d) continue;
@@ -697,6 +716,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
     if (j >= s.T) break;
     const bool linear_key = j >= s.sinks;
     float kj[4], vj[4], dk[4] = {0, 0, 0, 0}, dv[4] = {0, 0, 0, 0}, dphi[4] = {0, 0, 0, 0};
+    #pragma unroll
     for (int u = 0; u < 4; u++) {
       const int col = lane + 32 * u;
       kj[u] = col < s.d ? __bfloat162float(a.k[kv_index(s, b, j, hk) * s.d + col]) : 0.0f;
@@ -711,6 +731,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
       const size_t ri = row_index(s, b, i, h);
       const float inv_den = 1.0f / a.sv.row_den[ri], delta = a.sv.row_delta[ri];
       float qi[4], gi[4], sc = 0.0f, gv = 0.0f;
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int col = lane + 32 * u;
         qi[u] = col < s.d ? __bfloat162float(a.q[ri * s.d + col]) : 0.0f;
@@ -724,6 +745,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
         const float A = gamma * expf(sc - a.sv.row_max[ri]);
         float ds = A * (gv - delta);
         if (a.sv.row_argmax[ri] == j) ds += a.dm[ri];
+        #pragma unroll
         for (int u = 0; u < 4; u++) {
           dk[u] += ds * s.scale * qi[u];
           dv[u] += A * gi[u];
@@ -732,6 +754,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
         const float* pq = a.phiq + ri * F2;
         float Bw = 0.0f;
         for (int e = 0; e < F2; e++) Bw += s_phi[warp][e] * pq[e];
+        #pragma unroll
         for (int u = 0; u < 4; u++) {
           dv[u] += Bw * gi[u];
           const int e = lane + 32 * u;
@@ -741,6 +764,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
     }
     // The state of the query chunks >= c+2: dphi_k += R v_j - r, dv_j += R^T phi_k.
     if (linear_key && c + 2 < s.NC) {
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int e = lane + 32 * u;
         if (e >= F2) continue;
@@ -750,6 +774,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
         dphi[u] += acc;
       }
       if (a.want_input_grads)
+        #pragma unroll
         for (int u = 0; u < 4; u++) {
           const int col = lane + 32 * u;
           if (col >= s.d) continue;
@@ -758,6 +783,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
           dv[u] += acc;
         }
     }
+    #pragma unroll
     for (int u = 0; u < 4; u++) {
       const int e = lane + 32 * u;
       if (e < 128) s_dphi[warp][e] = linear_key ? dphi[u] : 0.0f;
@@ -765,17 +791,20 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
     __syncwarp();
     float du[2];
     generic_phi_backward(du, s_phi[warp], s_dphi[warp], s.f);
+    #pragma unroll
     for (int e = 0; e < 2; e++) {
       const int jf = lane + 32 * e;
       if (jf < s.f) a.du[row_index(s, b, j, h) * s.f + jf] = __float2bfloat16(linear_key ? du[e] : 0.0f);
     }
     if (a.want_input_grads) {
       __shared__ float s_du[4][64];
+      #pragma unroll
       for (int e = 0; e < 2; e++) {
         const int jf = lane + 32 * e;
         if (jf < 64) s_du[warp][jf] = (jf < s.f && linear_key) ? du[e] : 0.0f;
       }
       __syncwarp();
+      #pragma unroll
       for (int u = 0; u < 4; u++) {
         const int col = lane + 32 * u;
         if (col >= s.d) continue;
@@ -868,6 +897,7 @@ __device__ __forceinline__ void tile_bf16_to_f16(void* tile, int ld, int nrows) 
     uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
     uint4 x = *p;
     uint32_t* w = (uint32_t*)&x;
+    #pragma unroll
     for (int i = 0; i < 4; i++) w[i] = pack_f16(bf16_lo(w[i]), bf16_hi(w[i]));
     *p = x;
   }
@@ -877,13 +907,16 @@ __device__ __forceinline__ void tile_bf16_to_f16(void* tile, int ld, int nrows) 
 // u = x W (16 x 64, bf16 mma, W (D x 64) in shared memory), then phi = [softmax(u), softmax(-u)] clamped.
 // ph[j][.] in mma C layout: n-tile j < 8 is the + half (features 8j + 2t, +1), j >= 8 the - half.
 __device__ __forceinline__ void hedgehog_softmax(float (&ph)[16][4], const float (&u)[8][4]) {
+  #pragma unroll
   for (int r = 0; r < 2; r++) {
     float mx = -INFINITY, mn = INFINITY;
+    #pragma unroll
     for (int j = 0; j < 8; j++)
       for (int e = 2 * r; e < 2 * r + 2; e++) { mx = fmaxf(mx, u[j][e]); mn = fminf(mn, u[j][e]); }
     mx = quad_max(mx);
     mn = quad_min(mn);
     float sp = 0.0f, sm = 0.0f;
+    #pragma unroll
     for (int j = 0; j < 8; j++)
       for (int e = 2 * r; e < 2 * r + 2; e++) {
         ph[j][e] = exp2f((u[j][e] - mx) * LOG2E);
@@ -892,6 +925,7 @@ __device__ __forceinline__ void hedgehog_softmax(float (&ph)[16][4], const float
         sm += ph[j + 8][e];
       }
     const float ip = 1.0f / quad_sum(sp), im = 1.0f / quad_sum(sm);
+    #pragma unroll
     for (int j = 0; j < 8; j++)
       for (int e = 2 * r; e < 2 * r + 2; e++) {
         ph[j][e] = fmaxf(ph[j][e] * ip, PHI_FLOOR);
@@ -903,7 +937,9 @@ __device__ __forceinline__ void hedgehog_softmax(float (&ph)[16][4], const float
 template <int D>
 __device__ __forceinline__ void feature_map_regs(float (&ph)[16][4], const uint32_t (&xf)[D / 16][4], const bf16* sW) {
   float u[8][4] = {};
+  #pragma unroll
   for (int kt = 0; kt < D / 16; kt++)
+    #pragma unroll
     for (int np = 0; np < 4; np++) {
       uint32_t bb[4];
       frag_b_kn(bb, sW, Tiles<D>::LDW, kt * 16, np * 16);
@@ -916,9 +952,11 @@ __device__ __forceinline__ void feature_map_regs(float (&ph)[16][4], const uint3
 template <int D>
 __device__ __forceinline__ void feature_map_smem(float (&ph)[16][4], const bf16* X, int r0, const bf16* sW) {
   float u[8][4] = {};
+  #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     uint32_t xa[4];
     frag_a(xa, X, Tiles<D>::LDT, r0, kt * 16);
+    #pragma unroll
     for (int np = 0; np < 4; np++) {
       uint32_t bb[4];
       frag_b_kn(bb, sW, Tiles<D>::LDW, kt * 16, np * 16);
@@ -931,6 +969,7 @@ __device__ __forceinline__ void feature_map_smem(float (&ph)[16][4], const bf16*
 // C-layout phi -> 16-bit A fragments over the 128 features (8 k-steps).
 template <bool HALF>
 __device__ __forceinline__ void pack_phi_a(uint32_t (&pa)[8][4], const float (&ph)[16][4]) {
+  #pragma unroll
   for (int k = 0; k < 8; k++) {
     pa[k][0] = HALF ? pack_f16(ph[2 * k][0], ph[2 * k][1]) : pack_bf16(ph[2 * k][0], ph[2 * k][1]);
     pa[k][1] = HALF ? pack_f16(ph[2 * k][2], ph[2 * k][3]) : pack_bf16(ph[2 * k][2], ph[2 * k][3]);
@@ -950,6 +989,7 @@ template <bool HALF>
 __device__ __forceinline__ void store_phi(void* tile, int ldp, int r0, const float (&ph)[16][4], bool keep_g, bool keep_g8) {
   const int l = lane_id(), g = l >> 2, t = l & 3;
   uint32_t* base = (uint32_t*)tile;
+  #pragma unroll
   for (int j = 0; j < 16; j++) {
     const float a0 = keep_g ? ph[j][0] : 0.0f, a1 = keep_g ? ph[j][1] : 0.0f;
     const float a2 = keep_g8 ? ph[j][2] : 0.0f, a3 = keep_g8 ? ph[j][3] : 0.0f;
@@ -968,12 +1008,15 @@ __device__ __forceinline__ void state_update(float* sS, const void* Phi, const v
   const int l = lane_id(), warp = threadIdx.x >> 5, g = l >> 2, t = l & 3;
   const unsigned short* P = (const unsigned short*)Phi;
   const unsigned short* Yv = (const unsigned short*)Y;
+  #pragma unroll
   for (int qq = 0; qq < 4; qq++) {
     float acc[2][NQ][4] = {};
+    #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
       uint32_t a0[4], a1[4];
       frag_a_t(a0, P, TL::LDP, 32 * warp, 16 * kk);
       frag_a_t(a1, P, TL::LDP, 32 * warp + 16, 16 * kk);
+      #pragma unroll
       for (int np = 0; np < NQ / 2; np++) {
         uint32_t bb[4];
         frag_b_kn(bb, Yv, TL::LDT, 16 * kk, qq * (D / 4) + 16 * np);
@@ -986,7 +1029,9 @@ __device__ __forceinline__ void state_update(float* sS, const void* Phi, const v
         }
       }
     }
+    #pragma unroll
     for (int mt = 0; mt < 2; mt++)
+      #pragma unroll
       for (int nt = 0; nt < NQ; nt++) {
         const int col = qq * (D / 4) + 8 * nt + 2 * t;
         float2* p0 = (float2*)&sS[(32 * warp + 16 * mt + g) * LDS + col];
@@ -1005,6 +1050,7 @@ __device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, in
   const int f = threadIdx.x;
   const unsigned short* P = (const unsigned short*)Phi;
   float acc = 0.0f;
+  #pragma unroll
   for (int r = 0; r < 64; r++) {
     const unsigned short bits = P[r * ldp + f];
     const float v = HALF ? f16_bits_to_float(bits) : __uint_as_float((uint32_t)bits << 16);
@@ -1029,11 +1075,14 @@ __device__ __forceinline__ void tf32_a_from16(uint32_t (&a)[4], const uint32_t (
 template <int D, int LDS, bool HALF>
 __device__ __forceinline__ void mul_feat_state(float (&acc)[D / 8][4], const uint32_t (&A)[8][4], const float* sS) {
   const int l = lane_id(), g = l >> 2, t = l & 3;
+  #pragma unroll
   for (int k = 0; k < 8; k++)
+    #pragma unroll
     for (int h = 0; h < 2; h++) {
       uint32_t a[4];
       tf32_a_from16<HALF>(a, A[k], h);
       const float* r0 = sS + (16 * k + 8 * h + 2 * t) * LDS;
+      #pragma unroll
       for (int nt = 0; nt < D / 8; nt++)
         mma_tf32(acc[nt], a, to_tf32(r0[8 * nt + g]), to_tf32(r0[LDS + 8 * nt + g]));
     }
@@ -1042,10 +1091,13 @@ __device__ __forceinline__ void mul_feat_state(float (&acc)[D / 8][4], const uin
 template <int D, int LDS>
 __device__ __forceinline__ void mul_x_state_t(float (&acc)[16][4], const uint32_t (&X)[D / 16][4], const float* sS) {
   const int l = lane_id(), g = l >> 2, t = l & 3;
+  #pragma unroll
   for (int k = 0; k < D / 16; k++)
+    #pragma unroll
     for (int h = 0; h < 2; h++) {
       uint32_t a[4];
       tf32_a_from16<false>(a, X[k], h);
+      #pragma unroll
       for (int j = 0; j < 16; j++) {
         const float2 bv = *(const float2*)&sS[(8 * j + g) * LDS + 16 * k + 8 * h + 2 * t];
         mma_tf32(acc[j], a, to_tf32(bv.x), to_tf32(bv.y));
@@ -1057,8 +1109,10 @@ __device__ __forceinline__ void mul_x_state_t(float (&acc)[16][4], const uint32_
 // is ignored: a clamped entry is 1e-12 and contributes nothing measurable). du[j] covers features 8j + 2t.
 template <bool HALF>
 __device__ __forceinline__ void phi_backward(float (&du)[8][4], const uint32_t (&pa)[8][4], const float (&dphi)[16][4]) {
+  #pragma unroll
   for (int r = 0; r < 2; r++) {
     float dp = 0.0f, dm = 0.0f;
+    #pragma unroll
     for (int j = 0; j < 8; j++)
       for (int e = 2 * r; e < 2 * r + 2; e++) {
         dp += phi_at<HALF>(pa, j, e) * dphi[j][e];
@@ -1066,6 +1120,7 @@ __device__ __forceinline__ void phi_backward(float (&du)[8][4], const uint32_t (
       }
     dp = quad_sum(dp);
     dm = quad_sum(dm);
+    #pragma unroll
     for (int j = 0; j < 8; j++)
       for (int e = 2 * r; e < 2 * r + 2; e++)
         du[j][e] = phi_at<HALF>(pa, j, e) * (dphi[j][e] - dp) - phi_at<HALF>(pa, j + 8, e) * (dphi[j + 8][e] - dm);
@@ -1074,6 +1129,7 @@ __device__ __forceinline__ void phi_backward(float (&du)[8][4], const uint32_t (
 // C layout (16 x 64 keys or features) -> bf16 / f16 A fragments over those 64 columns (4 k-steps).
 template <bool HALF, int NTILES>
 __device__ __forceinline__ void pack_c_to_a(uint32_t (&a)[NTILES / 2][4], const float (&c)[NTILES][4]) {
+  #pragma unroll
   for (int k = 0; k < NTILES / 2; k++) {
     a[k][0] = HALF ? pack_f16(c[2 * k][0], c[2 * k][1]) : pack_bf16(c[2 * k][0], c[2 * k][1]);
     a[k][1] = HALF ? pack_f16(c[2 * k][2], c[2 * k][3]) : pack_bf16(c[2 * k][2], c[2 * k][3]);
@@ -1081,10 +1137,12 @@ __device__ __forceinline__ void pack_c_to_a(uint32_t (&a)[NTILES / 2][4], const 
     a[k][3] = HALF ? pack_f16(c[2 * k + 1][2], c[2 * k + 1][3]) : pack_bf16(c[2 * k + 1][2], c[2 * k + 1][3]);
   }
 }
-// acc (16 x D) += A (16 x 64 keys, 4 A fragments) . Y (64 x D shared tile, B[k][n] = Y[k][n]).
-template <int D, bool HALF>
-__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y, int nk16 = 4) {
-  for (int kk = 0; kk < nk16; kk++)
+// acc (16 x D) += A (16 x 16*NK16 keys, A fragments) . Y (shared tile, B[k][n] = Y[k][n]).
+template <int D, bool HALF, int NK16 = 4>
+__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y) {
+  #pragma unroll
+  for (int kk = 0; kk < NK16; kk++)
+    #pragma unroll
     for (int np = 0; np < D / 16; np++) {
       uint32_t bb[4];
       frag_b_kn(bb, (const unsigned short*)Y, Tiles<D>::LDT, 16 * kk, 16 * np);
@@ -1092,17 +1150,58 @@ __device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_
       else { mma_bf16(acc[2 * np], A[kk], bb[0], bb[1]); mma_bf16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
     }
 }
-// s (16 x 64 keys) = X (16 x D, A fragments) . K^T for the key tile K (64 x D shared, B[k][n] = K[n][k]).
-template <int D>
-__device__ __forceinline__ void mul_x_keys(float (&sc)[8][4], const uint32_t (&X)[D / 16][4], const bf16* K, int nkeys = 64) {
+// s (16 x NKEYS keys) = X (16 x D, A fragments) . K^T for the key tile K (NKEYS x D shared, B[k][n] = K[n][k]).
+template <int D, int NKEYS = 64>
+__device__ __forceinline__ void mul_x_keys(float (&sc)[8][4], const uint32_t (&X)[D / 16][4], const bf16* K) {
+  #pragma unroll
   for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+  #pragma unroll
   for (int kt = 0; kt < D / 16; kt++)
-    for (int np = 0; np < nkeys / 16; np++) {
+    #pragma unroll
+    for (int np = 0; np < NKEYS / 16; np++) {
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
       mma_bf16(sc[2 * np], X[kt], bb[0], bb[1]);
       mma_bf16(sc[2 * np + 1], X[kt], bb[2], bb[3]);
     }
+}
+// The same two products with X read from a shared tile (rows [r0, r0+16)), one k-step at a time: fewer
+// registers than holding all D/16 fragments.
+template <int D, int LDS>
+__device__ __forceinline__ void mul_x_state_t_smem(float (&acc)[16][4], const bf16* X, int r0, const float* sS) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  #pragma unroll
+  for (int k = 0; k < D / 16; k++) {
+    uint32_t xa[4];
+    frag_a(xa, X, Tiles<D>::LDT, r0, 16 * k);
+    #pragma unroll
+    for (int h = 0; h < 2; h++) {
+      uint32_t a[4];
+      tf32_a_from16<false>(a, xa, h);
+      #pragma unroll
+      for (int j = 0; j < 16; j++) {
+        const float2 bv = *(const float2*)&sS[(8 * j + g) * LDS + 16 * k + 8 * h + 2 * t];
+        mma_tf32(acc[j], a, to_tf32(bv.x), to_tf32(bv.y));
+      }
+    }
+  }
+}
+template <int D, int NKEYS = 64>
+__device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X, int r0, const bf16* K) {
+  #pragma unroll
+  for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+  #pragma unroll
+  for (int kt = 0; kt < D / 16; kt++) {
+    uint32_t xa[4];
+    frag_a(xa, X, Tiles<D>::LDT, r0, 16 * kt);
+    #pragma unroll
+    for (int np = 0; np < NKEYS / 16; np++) {
+      uint32_t bb[4];
+      frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
+      mma_bf16(sc[2 * np], xa, bb[0], bb[1]);
+      mma_bf16(sc[2 * np + 1], xa, bb[2], bb[3]);
+    }
+  }
 }
 // Loads A fragments of a 16 x D row block from global memory (rows past n_valid read as zeros).
 template <int D>
@@ -1111,6 +1210,7 @@ __device__ __forceinline__ void frag_a_global(uint32_t (&xf)[D / 16][4], const b
   const bool ok0 = r0 + g < n_valid, ok1 = r0 + g + 8 < n_valid;
   const uint32_t* p0 = (const uint32_t*)(rows + (size_t)(r0 + g) * row_stride);
   const uint32_t* p1 = (const uint32_t*)(rows + (size_t)(r0 + g + 8) * row_stride);
+  #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     xf[kt][0] = ok0 ? p0[8 * kt + t] : 0u;
     xf[kt][1] = ok1 ? p1[8 * kt + t] : 0u;
@@ -1145,15 +1245,18 @@ struct FwdLayout {
 // Online softmax over one key tile for a warp's 16 query rows. MASK(kl, row_local) says whether key kl of
 // the tile is a softmax key of that query row. Updates the running max m, partial sums l, output o, and the
 // arg max (value best, key position barg; ties keep the earlier key).
-template <int D, class MASK>
+template <int D, int NKEYS, class MASK>
 __device__ __forceinline__ void softmax_tile(float (&o)[D / 8][4], float (&m)[2], float (&l)[2], float (&best)[2], int (&barg)[2],
-                                             const uint32_t (&qf)[D / 16][4], const bf16* K, const __half* V, int nkeys,
+                                             const uint32_t (&qf)[D / 16][4], const bf16* K, const __half* V,
                                              int key0, int row0, float scale, MASK mask) {
+  constexpr int nkeys = NKEYS;
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
   float sc[8][4];
-  mul_x_keys<D>(sc, qf, K, nkeys);
+  mul_x_keys<D, NKEYS>(sc, qf, K);
   float tmax[2] = {-INFINITY, -INFINITY};
+  #pragma unroll
   for (int nt = 0; nt < nkeys / 8; nt++)
+    #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
       const float x = mask(kl, row0 + g + 8 * r) ? sc[nt][e] * scale : -INFINITY;
@@ -1161,13 +1264,16 @@ __device__ __forceinline__ void softmax_tile(float (&o)[D / 8][4], float (&m)[2]
       tmax[r] = fmaxf(tmax[r], x);
       if (x > best[r]) { best[r] = x; barg[r] = key0 + kl; }  // keys are visited in increasing order
     }
+  #pragma unroll
   for (int r = 0; r < 2; r++) {
     const float mnew = fmaxf(m[r], quad_max(tmax[r]));
     const float muse = mnew == -INFINITY ? 0.0f : mnew;
     const float corr = exp2f((m[r] - muse) * LOG2E);
     l[r] *= corr;
+    #pragma unroll
     for (int nt = 0; nt < D / 8; nt++) { o[nt][2 * r] *= corr; o[nt][2 * r + 1] *= corr; }
     m[r] = mnew;
+    #pragma unroll
     for (int nt = 0; nt < nkeys / 8; nt++)
       for (int e = 2 * r; e < 2 * r + 2; e++) {
         sc[nt][e] = exp2f((sc[nt][e] - muse) * LOG2E);
@@ -1176,7 +1282,7 @@ __device__ __forceinline__ void softmax_tile(float (&o)[D / 8][4], float (&m)[2]
   }
   uint32_t pa[4][4];
   pack_c_to_a<true, 8>(pa, sc);
-  mul_a_tile<D, true>(o, pa, V, nkeys / 16);
+  mul_a_tile<D, true, NKEYS / 16>(o, pa, V);
 }
 
 template <int D>
@@ -1250,22 +1356,18 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     cp_async_wait<1>();                       // q_c and K_c are in (V_c may still be in flight)
     __syncthreads();
     uint32_t qf[KT][4];
+    #pragma unroll
     for (int kt = 0; kt < KT; kt++) frag_a(qf[kt], sQ, LDT, row0, kt * 16);
     __syncthreads();                          // sQ free: fetch the next chunk's queries
     if (c + 1 < c_end) load_rows_async<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
     cp_async_commit();
 
-    // Feature maps: phi_q of this chunk (registers), phi_k of chunk c-1 (shared; sinks zeroed).
-    uint32_t phq[8][4];
-    {
+    // phi_k of chunk c-1 (shared, sinks zeroed): the state update and the sliding linear keys read it.
+    if (has_prev) {
       float ph[16][4];
-      feature_map_regs<D>(ph, qf, sWq);
-      pack_phi_a<true>(phq, ph);
-      if (has_prev) {
-        feature_map_smem<D>(ph, Kp, row0, sWk);
-        const int j0 = (c - 1) * CHUNK + row0;
-        store_phi<true>(sPhi, TL::LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
-      }
+      feature_map_smem<D>(ph, Kp, row0, sWk);
+      const int j0 = (c - 1) * CHUNK + row0;
+      store_phi<true>(sPhi, TL::LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
     }
     cp_async_wait<1>();                       // V_c is in
     __syncthreads();
@@ -1280,21 +1382,29 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     int barg[2] = {0, 0};
     const bool sliding = s.geometry == HYBRID_SLIDING;
     if (s.sinks > 0 && c >= 2)
-      softmax_tile<D>(o, m, l, best, barg, qf, sSK, sSV, 16, 0, row0, s.scale, [&](int kl, int) { return kl < s.sinks; });
+      softmax_tile<D, 16>(o, m, l, best, barg, qf, sSK, sSV, 0, row0, s.scale, [&](int kl, int) { return kl < s.sinks; });
     if (has_prev) {
       const int key0 = (c - 1) * CHUNK;
-      softmax_tile<D>(o, m, l, best, barg, qf, Kp, Vp, 64, key0, row0, s.scale,
+      softmax_tile<D, 64>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale,
                       [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
     }
-    softmax_tile<D>(o, m, l, best, barg, qf, Kc, Vc, 64, c * CHUNK, row0, s.scale, [&](int kl, int rl) { return kl <= rl; });
+    softmax_tile<D, 64>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, [&](int kl, int rl) { return kl <= rl; });
+    #pragma unroll
     for (int r = 0; r < 2; r++) {
       l[r] = quad_sum(l[r]) * gamma;
+      #pragma unroll
       for (int nt = 0; nt < NT; nt++) { o[nt][2 * r] *= gamma; o[nt][2 * r + 1] *= gamma; }
       for (int off = 1; off < 4; off <<= 1) {  // arg max over the quad (ties: the earlier key)
         const float bv = __shfl_xor_sync(0xffffffffu, best[r], off);
         const int ba = __shfl_xor_sync(0xffffffffu, barg[r], off);
         if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
       }
+    }
+    uint32_t phq[8][4];  // phi_q of this chunk as f16 A fragments (the softmax part no longer needs q)
+    {
+      float ph[16][4];
+      feature_map_regs<D>(ph, qf, sWq);
+      pack_phi_a<true>(phq, ph);
     }
     __syncthreads();                          // K_{c-1} free: fetch K_{c+1} into its slot
     if (c + 1 < c_end)
@@ -1307,6 +1417,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     float ll[2] = {0.0f, 0.0f};
     if (c >= 2) {
       mul_feat_state<D, LDS, true>(ol, phq, sS);
+      #pragma unroll
       for (int k = 0; k < 8; k++) {
         const int f0 = 16 * k + 2 * t;
         ll[0] += f16_lo(phq[k][0]) * sZ[f0] + f16_hi(phq[k][0]) * sZ[f0 + 1] + f16_lo(phq[k][2]) * sZ[f0 + 8] + f16_hi(phq[k][2]) * sZ[f0 + 9];
@@ -1315,7 +1426,9 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     }
     if (sliding && has_prev) {
       float bm[8][4] = {};
+      #pragma unroll
       for (int k = 0; k < 8; k++)
+        #pragma unroll
         for (int np = 0; np < 4; np++) {
           uint32_t bb[4];
           frag_b_nk(bb, sPhi, TL::LDP, 16 * np, 16 * k);
@@ -1323,7 +1436,9 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
           mma_f16(bm[2 * np + 1], phq[k], bb[2], bb[3]);
         }
       const int key0 = (c - 1) * CHUNK;
+      #pragma unroll
       for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
           if (!(kl <= rl && key0 + kl >= s.sinks)) bm[nt][e] = 0.0f;
@@ -1339,11 +1454,14 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     // Output, statistics, and the fused stage-1 loss.
     {
       float den[2], inv[2], sq[2] = {0, 0}, dyy[2] = {0, 0}, dyA[2] = {0, 0};
+      #pragma unroll
       for (int r = 0; r < 2; r++) { den[r] = l[r] + ll[r]; inv[r] = 1.0f / den[r]; }
+      #pragma unroll
       for (int r = 0; r < 2; r++) {
         const int i = i0 + g + 8 * r;
         if (i >= s.T) continue;
         const size_t ri = row_index(s, b, i, h);
+        #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
           const int col = 8 * nt + 2 * t;
           const float y0 = (o[nt][2 * r] + ol[nt][2 * r]) * inv[r], y1 = (o[nt][2 * r + 1] + ol[nt][2 * r + 1]) * inv[r];
@@ -1361,6 +1479,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
           }
         }
       }
+      #pragma unroll
       for (int r = 0; r < 2; r++) {
         sq[r] = quad_sum(sq[r]);
         dyy[r] = quad_sum(dyy[r]);
@@ -1510,16 +1629,19 @@ struct BwdQLayout {
 
 // Window gradient of one key tile for a warp's 16 query rows: ds = A (g.v - delta), its row sums, and
 // dq += ds K / sqrt(d) when want_dq.
-template <int D, class MASK>
+template <int D, int NKEYS, class MASK>
 __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (&rowsum)[2], const bf16* sQ, int row0,
-                                                 const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V, int nkeys,
+                                                 const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V,
                                                  const float (&m)[2], const float (&inv)[2], const float (&delta)[2],
                                                  float gamma, float scale, bool want_dq, MASK mask) {
+  constexpr int nkeys = NKEYS;
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
   float sc[8][4] = {};
+  #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     uint32_t qa[4];
     frag_a(qa, sQ, Tiles<D>::LDT, row0, 16 * kt);
+    #pragma unroll
     for (int np = 0; np < nkeys / 16; np++) {
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
@@ -1528,8 +1650,10 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
     }
   }
   float dp[8][4];
-  mul_x_keys<D>(dp, dyf, V, nkeys);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
+  mul_x_keys<D, NKEYS>(dp, dyf, V);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
+  #pragma unroll
   for (int nt = 0; nt < nkeys / 8; nt++)
+    #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
       float ds = 0.0f;
@@ -1545,7 +1669,7 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
   if (want_dq) {
     uint32_t da[4][4];
     pack_c_to_a<false, 8>(da, sc);
-    mul_a_tile<D, false>(dqa, da, K, nkeys / 16);
+    mul_a_tile<D, false, NKEYS / 16>(dqa, da, K);
   }
 }
 
@@ -1618,6 +1742,7 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
     float inv[2], delta[2], m[2];
     int arg[2];
     bool valid[2];
+    #pragma unroll
     for (int r = 0; r < 2; r++) {
       const int i = i0 + g + 8 * r;
       valid[r] = i < s.T;
@@ -1631,13 +1756,16 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
     uint32_t phq[8][4];
     {
       uint32_t qf[KT][4];
+      #pragma unroll
       for (int kt = 0; kt < KT; kt++) frag_a(qf[kt], sQ, LDT, row0, kt * 16);
       float ph[16][4];
       feature_map_regs<D>(ph, qf, sWq);
       pack_phi_a<true>(phq, ph);
+      #pragma unroll
       for (int r = 0; r < 2; r++)
         if (valid[r]) {
           uint32_t* dst = (uint32_t*)(a.phiq_out + row_index(s, b, i0 + g + 8 * r, h) * NF);
+          #pragma unroll
           for (int j = 0; j < 16; j++) dst[4 * j + t] = pack_bf16(ph[j][2 * r] * inv[r], ph[j][2 * r + 1] * inv[r]);
         }
       if (has_prev) {
@@ -1654,21 +1782,27 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
     float dphi[16][4] = {};
     if (c >= 2) {
       mul_x_state_t<D, LDS>(dphi, dyf, sS);
+      #pragma unroll
       for (int j = 0; j < 16; j++)
+        #pragma unroll
         for (int e = 0; e < 4; e++) dphi[j][e] = dphi[j][e] * inv[e >> 1] - delta[e >> 1] * sZ[8 * j + 2 * t + (e & 1)];
     }
     if (sliding && has_prev) {
       float dp[8][4];
       mul_x_keys<D>(dp, dyf, Vp);
       const int key0 = (c - 1) * CHUNK;
+      #pragma unroll
       for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
           dp[nt][e] = (kl <= rl && key0 + kl >= s.sinks) ? dp[nt][e] * inv[e >> 1] - delta[e >> 1] : 0.0f;
         }
       uint32_t da[4][4];
       pack_c_to_a<false, 8>(da, dp);
+      #pragma unroll
       for (int kk = 0; kk < 4; kk++)
+        #pragma unroll
         for (int np = 0; np < 8; np++) {
           uint32_t bb[4];
           frag_b_kn(bb, sPhi, TL::LDP, 16 * kk, 16 * np);
@@ -1680,15 +1814,19 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
     {
       float du[8][4];
       phi_backward<true>(du, phq, dphi);
+      #pragma unroll
       for (int r = 0; r < 2; r++)
         if (valid[r]) {
           uint32_t* dst = (uint32_t*)(a.du_q + row_index(s, b, i0 + g + 8 * r, h) * 64);
+          #pragma unroll
           for (int j = 0; j < 8; j++) dst[4 * j + t] = pack_bf16(du[j][2 * r], du[j][2 * r + 1]);
         }
       if (a.dq) {  // dq += du Wq^T
         uint32_t ua[4][4];
         pack_c_to_a<false, 8>(ua, du);
+        #pragma unroll
         for (int kk = 0; kk < 4; kk++)
+          #pragma unroll
           for (int np = 0; np < NT / 2; np++) {
             uint32_t bb[4];
             frag_b_nk(bb, sWq, TL::LDW, 16 * np, 16 * kk);
@@ -1705,15 +1843,16 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
       float rowsum[2] = {0.0f, 0.0f};
       const bool want_dq = a.dq != nullptr;
       if (s.sinks > 0 && c >= 2)
-        window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, 16, m, inv, delta, gamma, s.scale, want_dq,
+        window_grad_tile<D, 16>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
                             [&](int kl, int) { return kl < s.sinks; });
       if (has_prev) {
         const int key0 = (c - 1) * CHUNK;
-        window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, Kp, Vp, 64, m, inv, delta, gamma, s.scale, want_dq,
+        window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kp, Vp, m, inv, delta, gamma, s.scale, want_dq,
                             [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
       }
-      window_grad_tile<D>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, 64, m, inv, delta, gamma, s.scale, want_dq,
+      window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, m, inv, delta, gamma, s.scale, want_dq,
                           [&](int kl, int rl) { return kl <= rl; });
+      #pragma unroll
       for (int r = 0; r < 2; r++) {
         rowsum[r] = quad_sum(rowsum[r]);
         const int i = i0 + g + 8 * r;
@@ -1726,6 +1865,7 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
         if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
           const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
           const float f = -rowsum[r] * s.scale;
+          #pragma unroll
           for (int nt = 0; nt < NT; nt++) {
             const uint32_t kv2 = kr[4 * nt + t];
             dqa[nt][2 * r] += f * bf16_lo(kv2);
@@ -1735,9 +1875,11 @@ __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs
       }
     }
     if (a.dq)
+      #pragma unroll
       for (int r = 0; r < 2; r++)
         if (valid[r]) {
           uint32_t* dst = (uint32_t*)(a.dq + row_index(s, b, i0 + g + 8 * r, h) * D);
+          #pragma unroll
           for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
         }
 
@@ -1767,14 +1909,14 @@ struct BwdKLayout {
   using TL = Tiles<D>;
   static constexpr int LDS = D + 8;
   static constexpr size_t K = 0, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
-                          WK = DY + 2 * TL::TILE * 2, R = WK + TL::WT * 2, RV = R + NF * LDS * 4, DEN = RV + NF * 4,
-                          DD = DEN + 2 * 64 * 4, BYTES = DD + 2 * 64 * 4;
+                          WK = DY + 2 * TL::TILE * 2, R = WK + TL::WT * 2, RV = R + NF * LDS * 4, DD = RV + NF * 4,
+                          BYTES = DD + 2 * 64 * 4;
 };
 template <int D>
 __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a) {
   using TL = Tiles<D>;
   using LY = BwdKLayout<D>;
-  constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
+  constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
@@ -1786,8 +1928,7 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
   bf16* sWk = (bf16*)(smem_raw + LY::WK);
   float* sR = (float*)(smem_raw + LY::R);
   float* sRv = (float*)(smem_raw + LY::RV);
-  float* sDen = (float*)(smem_raw + LY::DEN);  // [2][64] den of the query rows of chunk c+1
-  float* sDD = (float*)(smem_raw + LY::DD);    // [2][64] delta * den
+  float* sDD = (float*)(smem_raw + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
@@ -1797,18 +1938,18 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
   const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
   auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
-  // Tiles of iteration c: K_c, V_c, and phi_q / den, dy, den, delta of query chunk c+1 (if any).
+  // Tiles of iteration c: K_c, V_c, and phi_q / den, dy, delta * den of query chunk c+1 (if any).
   auto load_iter = [&](int c) {
     const int sl = c & 1;
     load_rows_async<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     load_rows_async<D>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
-    load_rows_async<NF>(sPQ + sl * TL::PT, TL::LDP, pqb + (size_t)qc * CHUNK * s.H * NF, (size_t)s.H * NF, 64, nq);
-    load_rows_async<D>(sDY + sl * TL::TILE, LDT, dyb + (size_t)qc * CHUNK * qstride, qstride, 64, nq);
+    const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;  // no query chunk: all zeros, from a valid address
+    load_rows_async<NF>(sPQ + sl * TL::PT, TL::LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
     if (tid < 64) {
       const bool ok = tid < nq;
       const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
-      sDen[sl * 64 + tid] = ok ? a.sv.row_den[ri] : 1.0f;
       sDD[sl * 64 + tid] = ok ? a.sv.row_delta[ri] * a.sv.row_den[ri] : 0.0f;
     }
   };
@@ -1831,7 +1972,6 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
     const bf16* Vc = sV + sl * TL::TILE;
     const bf16* PQc = sPQ + sl * TL::PT;
     const bf16* DYc = sDY + sl * TL::TILE;
-    const float* den = sDen + sl * 64;
     const float* dd = sDD + sl * 64;
     const int row0 = warp * 16, j0 = c * CHUNK + row0;
     const bool has_q = c + 1 < s.NC, has_state = c + 2 < s.NC;
@@ -1845,6 +1985,7 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
     {
       float ph[16][4];
       feature_map_smem<D>(ph, Kc, row0, sWk);
+      #pragma unroll
       for (int j = 0; j < 16; j++) {
         if (!keep0) ph[j][0] = ph[j][1] = 0.0f;
         if (!keep1) ph[j][2] = ph[j][3] = 0.0f;
@@ -1853,53 +1994,65 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
     }
     float dphi[16][4] = {};
     if (has_state) {
-      uint32_t vf[KT][4];
-      for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], Vc, LDT, row0, 16 * kt);
-      mul_x_state_t<D, LDS>(dphi, vf, sR);
+      mul_x_state_t_smem<D, LDS>(dphi, Vc, row0, sR);
+      #pragma unroll
       for (int j = 0; j < 16; j++)
+        #pragma unroll
         for (int e = 0; e < 4; e++) dphi[j][e] -= sRv[8 * j + 2 * t + (e & 1)];
     }
     uint32_t bsa[4][4] = {};  // (sliding) the linear weights B^T (keys x queries of chunk c+1), for dv
     if (sliding && has_q) {
-      float dpt[8][4];
+      // linear iff i - j = 64 + ql - kl >= w, i.e. kl <= ql (sinks and rows past T have phi_k = 0)
       {
-        uint32_t vf[KT][4];
-        for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], Vc, LDT, row0, 16 * kt);
-        mul_x_keys<D>(dpt, vf, DYc);  // dP^T = V dy^T
+        float dpt[8][4];
+        mul_x_keys_smem<D>(dpt, Vc, row0, DYc);  // dP^T = V dy^T
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1);
+            dpt[nt][e] = kl <= ql ? dpt[nt][e] - dd[ql] : 0.0f;  // (g.v - delta) * den
+          }
+        uint32_t da[4][4];
+        pack_c_to_a<false, 8>(da, dpt);
+        #pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+          #pragma unroll
+          for (int np = 0; np < 8; np++) {
+            uint32_t bb[4];
+            frag_b_kn(bb, PQc, TL::LDP, 16 * kk, 16 * np);
+            mma_bf16(dphi[2 * np], da[kk], bb[0], bb[1]);
+            mma_bf16(dphi[2 * np + 1], da[kk], bb[2], bb[3]);
+          }
       }
-      float bst[8][4] = {};
-      for (int k = 0; k < 8; k++)
-        for (int np = 0; np < 4; np++) {
-          uint32_t bb[4];
-          frag_b_nk(bb, PQc, TL::LDP, 16 * np, 16 * k);
-          mma_bf16(bst[2 * np], pk[k], bb[0], bb[1]);
-          mma_bf16(bst[2 * np + 1], pk[k], bb[2], bb[3]);
-        }
-      for (int nt = 0; nt < 8; nt++)
-        for (int e = 0; e < 4; e++) {
-          const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1);
-          const bool lin = kl <= ql;  // i - j = 64 + ql - kl >= w (sinks and rows past T have phi_k = 0)
-          dpt[nt][e] = lin ? dpt[nt][e] - dd[ql] : 0.0f;  // (g.v - delta) * den
-          bst[nt][e] = lin ? bst[nt][e] : 0.0f;           // phi_k . phi_q / den
-        }
-      uint32_t da[4][4];
-      pack_c_to_a<false, 8>(da, dpt);
-      for (int kk = 0; kk < 4; kk++)
-        for (int np = 0; np < 8; np++) {
-          uint32_t bb[4];
-          frag_b_kn(bb, PQc, TL::LDP, 16 * kk, 16 * np);
-          mma_bf16(dphi[2 * np], da[kk], bb[0], bb[1]);
-          mma_bf16(dphi[2 * np + 1], da[kk], bb[2], bb[3]);
-        }
-      pack_c_to_a<false, 8>(bsa, bst);
+      if (a.want_input_grads) {
+        float bst[8][4] = {};  // phi_k . phi_q / den
+        #pragma unroll
+        for (int k = 0; k < 8; k++)
+          #pragma unroll
+          for (int np = 0; np < 4; np++) {
+            uint32_t bb[4];
+            frag_b_nk(bb, PQc, TL::LDP, 16 * np, 16 * k);
+            mma_bf16(bst[2 * np], pk[k], bb[0], bb[1]);
+            mma_bf16(bst[2 * np + 1], pk[k], bb[2], bb[3]);
+          }
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;
+        pack_c_to_a<false, 8>(bsa, bst);
+      }
     }
     {
       float du[8][4];
       phi_backward<false>(du, pk, dphi);
+      #pragma unroll
       for (int r = 0; r < 2; r++) {
         const int j = j0 + g + 8 * r;
         if (j >= s.T) continue;
         uint32_t* dst = (uint32_t*)(a.du_k + row_index(s, b, j, h) * 64);
+        #pragma unroll
         for (int jj = 0; jj < 8; jj++) dst[4 * jj + t] = pack_bf16(du[jj][2 * r], du[jj][2 * r + 1]);
       }
       if (a.want_input_grads) {
@@ -1909,10 +2062,12 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
           float dv[NT][4] = {};
           if (has_state) mul_feat_state<D, LDS, false>(dv, pk, sR);
           if (sliding && has_q) mul_a_tile<D, false>(dv, bsa, DYc);
+          #pragma unroll
           for (int r = 0; r < 2; r++) {
             const int j = j0 + g + 8 * r;
             if (j >= s.T) continue;
             float* dst = a.dv_acc + kv_index(s, b, j, hk) * D;
+            #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
               atomicAdd(&dst[8 * nt + 2 * t], dv[nt][2 * r]);
               atomicAdd(&dst[8 * nt + 2 * t + 1], dv[nt][2 * r + 1]);
@@ -1920,17 +2075,21 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
           }
         }
         float dka[NT][4] = {};
+        #pragma unroll
         for (int kk = 0; kk < 4; kk++)
+          #pragma unroll
           for (int np = 0; np < NT / 2; np++) {
             uint32_t bb[4];
             frag_b_nk(bb, sWk, TL::LDW, 16 * np, 16 * kk);
             mma_bf16(dka[2 * np], ua[kk], bb[0], bb[1]);
             mma_bf16(dka[2 * np + 1], ua[kk], bb[2], bb[3]);
           }
+        #pragma unroll
         for (int r = 0; r < 2; r++) {
           const int j = j0 + g + 8 * r;
           if (j >= s.T) continue;
           float* dst = a.dk_acc + kv_index(s, b, j, hk) * D;
+          #pragma unroll
           for (int nt = 0; nt < NT; nt++) {
             atomicAdd(&dst[8 * nt + 2 * t], dka[nt][2 * r]);
             atomicAdd(&dst[8 * nt + 2 * t + 1], dka[nt][2 * r + 1]);
@@ -1960,7 +2119,7 @@ template <int D>
 __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
   using TL = Tiles<D>;
   using LY = WinLayout<D>;
-  constexpr int LDT = TL::LDT, NT = TL::NT, KT = TL::KT, LDK = D + 4;
+  constexpr int LDT = TL::LDT, NT = TL::NT, LDK = D + 4;
   const Shape& s = a.s;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
@@ -2008,17 +2167,11 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
     uint32_t ap[4][4], dsp[4][4];
     {
       float sc[8][4], dpt[8][4];
-      {
-        uint32_t kf[KT][4];
-        for (int kt = 0; kt < KT; kt++) frag_a(kf[kt], sK, LDT, row0, 16 * kt);
-        mul_x_keys<D>(sc, kf, Q);  // s^T = K q^T (keys x queries)
-      }
-      {
-        uint32_t vf[KT][4];
-        for (int kt = 0; kt < KT; kt++) frag_a(vf[kt], sV, LDT, row0, 16 * kt);
-        mul_x_keys<D>(dpt, vf, DY);  // dP^T = V dy^T
-      }
+      mul_x_keys_smem<D>(sc, sK, row0, Q);    // s^T = K q^T (keys x queries)
+      mul_x_keys_smem<D>(dpt, sV, row0, DY);  // dP^T = V dy^T
+      #pragma unroll
       for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
           bool win;
@@ -2040,15 +2193,20 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
     mul_a_tile<D, false>(dv, ap, DY);
     float dk[NT][4] = {};
     mul_a_tile<D, false>(dk, dsp, Q);
+    #pragma unroll
     for (int nt = 0; nt < NT; nt++)
+      #pragma unroll
       for (int e = 0; e < 4; e++) sDK[(row0 + g + 8 * (e >> 1)) * LDK + 8 * nt + 2 * t + (e & 1)] += dk[nt][e];
   }
+  #pragma unroll
   for (int r = 0; r < 2; r++) {
     const int j = j0 + g + 8 * r;
     if (j >= s.T) continue;
     float* dvd = a.dv_acc + kv_index(s, b, j, hk) * D;
     float* dkd = a.dk_acc + kv_index(s, b, j, hk) * D;
+    #pragma unroll
     for (int nt = 0; nt < NT; nt++)
+      #pragma unroll
       for (int e = 0; e < 2; e++) {
         const int col = 8 * nt + 2 * t + e;
         atomicAdd(&dvd[col], dv[nt][2 * r + e]);
@@ -2103,10 +2261,13 @@ __global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
     __syncthreads();
     const bf16* X = sX + (it & 1) * TL::TILE;
     const bf16* U = sDU + (it & 1) * 64 * TL::LDW;
+    #pragma unroll
     for (int kk = 0; kk < 4; kk++)
+      #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
         uint32_t xa[4];
         frag_a_t(xa, X, TL::LDT, warp * (D / 4) + 16 * mt, 16 * kk);
+        #pragma unroll
         for (int np = 0; np < 4; np++) {
           uint32_t bb[4];
           frag_b_kn(bb, U, TL::LDW, 16 * kk, 16 * np);
@@ -2118,7 +2279,9 @@ __global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
   }
   cp_async_wait<0>();
   float* out = a.part + (((size_t)z * gridDim.x + split) * s.H + h) * D * 64;
+  #pragma unroll
   for (int mt = 0; mt < MT; mt++)
+    #pragma unroll
     for (int nt = 0; nt < 8; nt++) {
       const int r = warp * (D / 4) + 16 * mt + g, col = 8 * nt + 2 * t;
       out[r * 64 + col] = acc[mt][nt][0];
@@ -2283,6 +2446,8 @@ inline void hybrid_check_params(const HybridAttnParams& p) {
   if (p.window != HYBRID_WINDOW) fatal("hybrid attention: window %d not supported (the kernels use %d)", p.window, HYBRID_WINDOW);
   if (p.geometry != HYBRID_TERRACE && p.geometry != HYBRID_SLIDING) fatal("hybrid attention: unknown geometry %d", p.geometry);
   if (p.sinks < 0 || p.sinks > HYBRID_MAX_SINKS) fatal("hybrid attention: %d sinks not in 0..%d", p.sinks, HYBRID_MAX_SINKS);
+  if (p.impl == HYBRID_IMPL_TENSOR && !((p.d == 64 || p.d == 128) && p.f == 64))
+    fatal("hybrid attention: the tensor-core kernels need d = 64 or 128 and f = 64 (got d=%d f=%d)", p.d, p.f);
 }
 
 inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo) {
