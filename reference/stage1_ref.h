@@ -4,8 +4,10 @@
 // teacher's output continues to the next layer, so no gradient crosses layers (../shared/LOLCATS.md §2).
 //
 // Trained parameters, one flat vector, per layer l at offset l * stage1_params_per_layer():
-//   Wq (H, d, f) | Wk (H, d, f) | w (H)        gamma_h = sigmoid(w_h), w_h initialised to logit(0.1)
-// The GPU trainer uses the same layout (one AdamW buffer).
+//   Wq (H, d, f) | Wk (H, d, f) | w (H) | zero padding to a multiple of 64 entries
+// gamma_h = sigmoid(w_h), w_h initialised to logit(0.1). The padding keeps every layer's block 128-byte
+// aligned in bf16 and fp32 (the kernels load the maps with 16-byte vectors); it is never read, its
+// gradient is 0, so AdamW leaves it at 0. The GPU trainer uses the same layout (one AdamW buffer).
 #pragma once
 #include "reference/hybrid_ref.h"
 #include "reference/llama_ref.h"
@@ -14,7 +16,7 @@ namespace ref {
 
 constexpr double kWindowFactorInit = -2.1972245773362196;  // logit(0.1)
 
-inline size_t stage1_params_per_layer(int H, int d, int f) { return 2 * (size_t)H * d * f + H; }
+inline size_t stage1_params_per_layer(int H, int d, int f) { return (2 * (size_t)H * d * f + H + 63) / 64 * 64; }
 
 // Identity-initialised feature maps and gamma = 0.1 for every layer.
 inline std::vector<float> stage1_init_params(int L, int H, int d, int f) {

@@ -69,7 +69,8 @@ TEST(Stage1Ref, GradientMatchesFiniteDifferences) {
   // are fp32, so the step is large-ish (1e-2) and the tolerance is 2% (curvature and fp32 rounding
   // of the parameter itself); the analytic gradient is exact to ~1e-6 by the fp64 tests of the pieces.
   const size_t per = ref::stage1_params_per_layer(m.h.n_heads, m.h.head_dim, f);
-  const size_t probes[] = {3, per / 2 + 1, per - 1, per + 17, 3 * per + per / 3, (size_t)L * per - 2};
+  const size_t hdf = (size_t)m.h.n_heads * m.h.head_dim * f, w_last = 2 * hdf + m.h.n_heads - 1;
+  const size_t probes[] = {3, hdf + 5, w_last, per + 17, 3 * per + hdf / 3, (size_t)(L - 1) * per + w_last - 1};
   for (size_t i : probes) {
     const float orig = params[i];
     const float e = 1e-2f;
