@@ -53,6 +53,8 @@ struct HybridAttnSaved {
                                // With it an unfused backward forms delta from the fp32 output; without it
                                // from the bf16 one (flash attention's convention), which leaves dw (a sum of
                                // cancelling terms) with percent-level noise. Stage 1 never needs it.
+  float* seg_state = nullptr;  // tensor-core path with T > 1024: the linear state before each segment of
+                               // 16 chunks, (B, H, nseg, 128, d) then (B, H, nseg, 128); the backward reuses it
 };
 
 // The stage-1 loss fused into the forward: MSE(y, y_true) over all B*T*H*d elements.
@@ -891,9 +893,9 @@ __device__ __forceinline__ void load_rows_async(T* dst, int ld, const T* src, si
 // bf16 -> f16 in place (the forward multiplies probabilities by V in f16: 3 more mantissa bits than bf16,
 // exact for every bf16 value of magnitude 6e-5 .. 65504).
 template <int COLS>
-__device__ __forceinline__ void tile_bf16_to_f16(void* tile, int ld, int nrows) {
+__device__ __forceinline__ void tile_bf16_to_f16(void* tile, int ld, int nrows, int tid = -1) {
   constexpr int CPR = COLS / 8;
-  for (int idx = threadIdx.x; idx < nrows * CPR; idx += 128) {
+  for (int idx = tid < 0 ? (int)threadIdx.x : tid; idx < nrows * CPR; idx += 128) {
     uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
     uint4 x = *p;
     uint32_t* w = (uint32_t*)&x;
@@ -1294,7 +1296,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sYT = (bf16*)(smem_raw + LY::Q);  // the teacher's output for this chunk (stage 1), prefetched
   bf16* sK = (bf16*)(smem_raw + LY::K);
   __half* sV = (__half*)(smem_raw + LY::V);
   bf16* sWq = (bf16*)(smem_raw + LY::WQ);
@@ -1311,9 +1313,10 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
   const bf16* qb = a.q + row_index(s, b, 0, h) * D;
   const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
 
-  // Prologue: maps, sinks, the first two key chunks, the first queries, the state before this segment.
+  // Prologue: maps, sinks, the first two key chunks, the first y_true, the state before this segment.
   load_rows_async<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
   load_rows_async<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   if (s.sinks > 0) {
@@ -1327,7 +1330,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
   }
   load_rows_async<D>(sK + (c_begin & 1) * TL::TILE, LDT, kb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
   load_rows_async<D>((bf16*)sV + (c_begin & 1) * TL::TILE, LDT, vb + (size_t)c_begin * CHUNK * kstride, kstride, 64, rows_in(c_begin));
-  load_rows_async<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  if (a.y_true) load_rows_async<D>(sYT, LDT, ytb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
   cp_async_commit();
   {
     const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
@@ -1353,14 +1356,11 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
     const bool has_prev = c >= 1;
     const int row0 = warp * 16;               // this warp's first row within the chunk
     const int i0 = c * CHUNK + row0;          // its first query position
-    cp_async_wait<1>();                       // q_c and K_c are in (V_c may still be in flight)
-    __syncthreads();
+    // The queries go straight to registers: the loads are in flight while phi_k is computed.
     uint32_t qf[KT][4];
-    #pragma unroll
-    for (int kt = 0; kt < KT; kt++) frag_a(qf[kt], sQ, LDT, row0, kt * 16);
-    __syncthreads();                          // sQ free: fetch the next chunk's queries
-    if (c + 1 < c_end) load_rows_async<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
-    cp_async_commit();
+    frag_a_global<D>(qf, qb + (size_t)c * CHUNK * qstride, qstride, row0, rows_in(c));
+    cp_async_wait<1>();                       // K_c is in (V_c, y_true_c may still be in flight)
+    __syncthreads();
 
     // phi_k of chunk c-1 (shared, sinks zeroed): the state update and the sliding linear keys read it.
     if (has_prev) {
@@ -1369,7 +1369,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
       const int j0 = (c - 1) * CHUNK + row0;
       store_phi<true>(sPhi, TL::LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
     }
-    cp_async_wait<1>();                       // V_c is in
+    cp_async_wait<0>();                       // V_c (and y_true_c) are in
     __syncthreads();
     if (c > c_begin) {
       tile_bf16_to_f16<D>(Vc, LDT, 64);
@@ -1469,7 +1469,7 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
           *(uint32_t*)&a.y[ri * D + col] = yp;
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
-            const uint32_t tv = *(const uint32_t*)&a.y_true[ri * D + col];
+            const uint32_t tv = *(const uint32_t*)&sYT[(row0 + g + 8 * r) * LDT + col];
             const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
@@ -1505,9 +1505,11 @@ __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
       state_update<D, LDS, true>(sS, sPhi, Vp);
       column_sum_update<true>(sZ, sPhi, TL::LDP, nullptr);
     }
-    __syncthreads();                          // V_{c-1} and sPhi free: fetch V_{c+1}
-    if (c + 1 < c_end)
+    __syncthreads();                          // V_{c-1}, sPhi and y_true_c free: fetch V_{c+1}, y_true_{c+1}
+    if (c + 1 < c_end) {
       load_rows_async<D>((bf16*)sV + prv * TL::TILE, LDT, vb + (size_t)(c + 1) * CHUNK * kstride, kstride, 64, rows_in(c + 1));
+      if (a.y_true) load_rows_async<D>(sYT, LDT, ytb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+    }
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -1526,69 +1528,103 @@ struct SegSumArgs {
   Shape s;
   int seg_chunks, nseg;
 };
+// 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
+// accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
+// read-modify-write; warps 0-3 compute the feature maps.
+constexpr int SEG_THREADS = 256;
 template <int D>
 struct SegLayout {
   using TL = Tiles<D>;
-  static constexpr int LDS = D + 8;
-  static constexpr size_t X = 0, Y = X + TL::PT * 2, W = Y + TL::TILE * 2, PHI = W + TL::WT * 2, S = PHI + TL::PT * 2,
-                          Z = S + NF * LDS * 4, SC = Z + NF * 4, BYTES = SC + 64 * 4;
+  static constexpr size_t X = 0, Y = X + TL::PT * 2, W = Y + TL::TILE * 2, PHI = W + TL::WT * 2, Z = PHI + TL::PT * 2,
+                          SC = Z + NF * 4, BYTES = SC + 64 * 4;
 };
 template <int D, bool KEYS>
-__global__ void __launch_bounds__(128, 1) segment_sum_kernel(SegSumArgs a) {
+__global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
   using TL = Tiles<D>;
   using LY = SegLayout<D>;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
-  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2;
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
   if (KEYS ? seg == a.nseg - 1 : seg == 0) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sX = (bf16*)(smem_raw + LY::X);  // keys (64 x D) or phi_q / den (64 x 128)
   bf16* sY = (bf16*)(smem_raw + LY::Y);
   bf16* sW = (bf16*)(smem_raw + LY::W);
   void* sPhi = (void*)(smem_raw + LY::PHI);
-  float* sS = (float*)(smem_raw + LY::S);
   float* sZ = (float*)(smem_raw + LY::Z);
   float* sSc = (float*)(smem_raw + LY::SC);
-  for (int idx = tid; idx < NF * LY::LDS; idx += 128) sS[idx] = 0.0f;
-  sZ[tid] = 0.0f;
+  float acc[16][4] = {};  // S^T rows [16 warp, +16) (value columns) x 128 features
+  if (tid < NF) sZ[tid] = 0.0f;
   if (KEYS) load_rows_async<64>(sW, TL::LDW, a.W + (size_t)h * D * 64, 64, D, D);
   const int c0 = KEYS ? max(0, seg * a.seg_chunks - 1) : seg * a.seg_chunks + 1;
   const int c1 = min(s.NC - 1, KEYS ? (seg + 1) * a.seg_chunks - 2 : (seg + 1) * a.seg_chunks);
   for (int c = c0; c <= c1; c++) {
     const int nval = min(CHUNK, s.T - c * CHUNK);
     __syncthreads();
-    if (KEYS) {
-      load_rows_async<D>(sX, TL::LDT, a.x + kv_index(s, b, c * CHUNK, hk) * D, (size_t)s.Hkv * D, 64, nval);
-      load_rows_async<D>(sY, TL::LDT, a.y + kv_index(s, b, c * CHUNK, hk) * D, (size_t)s.Hkv * D, 64, nval);
-    } else {
-      load_rows_async<NF>(sX, TL::LDP, a.x + row_index(s, b, c * CHUNK, h) * NF, (size_t)s.H * NF, 64, nval);
-      load_rows_async<D>(sY, TL::LDT, a.y + row_index(s, b, c * CHUNK, h) * D, (size_t)s.H * D, 64, nval);
-      if (tid < 64) {
-        const int i = c * CHUNK + tid;
-        sSc[tid] = i < s.T ? a.delta[row_index(s, b, i, h)] * a.den[row_index(s, b, i, h)] : 0.0f;
+    for (int idx = tid; idx < (KEYS ? 2 : 1) * 64 * (D / 8) + (KEYS ? 0 : 64 * (NF / 8)); idx += SEG_THREADS) {
+      // the tile loads, spread over all 256 threads
+      if (KEYS) {
+        const int which = idx / (64 * (D / 8)), r = idx % (64 * (D / 8)) / (D / 8), cc = idx % (D / 8);
+        const bool ok = r < nval;
+        const bf16* src = (which == 0 ? a.x : a.y) + kv_index(s, b, c * CHUNK + (ok ? r : 0), hk) * D + cc * 8;
+        cp_async16((which == 0 ? sX : sY) + r * TL::LDT + cc * 8, src, ok);
+      } else if (idx < 64 * (NF / 8)) {
+        const int r = idx / (NF / 8), cc = idx % (NF / 8);
+        const bool ok = r < nval;
+        cp_async16(sX + r * TL::LDP + cc * 8, a.x + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * NF + cc * 8, ok);
+      } else {
+        const int j = idx - 64 * (NF / 8), r = j / (D / 8), cc = j % (D / 8);
+        const bool ok = r < nval;
+        cp_async16(sY + r * TL::LDT + cc * 8, a.y + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * D + cc * 8, ok);
       }
+    }
+    if (!KEYS && tid < 64) {
+      const int i = c * CHUNK + tid;
+      sSc[tid] = i < s.T ? a.delta[row_index(s, b, i, h)] * a.den[row_index(s, b, i, h)] : 0.0f;
     }
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
     if (KEYS) {
-      tile_bf16_to_f16<D>(sY, TL::LDT, 64);
-      float ph[16][4];
-      feature_map_smem<D>(ph, sX, warp * 16, sW);
-      const int j0 = c * CHUNK + warp * 16;
-      store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
+      if (warp < 4) {
+        float ph[16][4];
+        feature_map_smem<D>(ph, sX, warp * 16, sW);
+        const int j0 = c * CHUNK + warp * 16;
+        store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
+      } else {
+        tile_bf16_to_f16<D>(sY, TL::LDT, 64, tid - 128);
+      }
       __syncthreads();
-      state_update<D, LY::LDS, true>(sS, sPhi, sY);
-      column_sum_update<true>(sZ, sPhi, TL::LDP, nullptr);
-    } else {
-      state_update<D, LY::LDS, false>(sS, sX, sY);
-      column_sum_update<false>(sZ, sX, TL::LDP, sSc);
     }
+    const unsigned short* P = (const unsigned short*)(KEYS ? sPhi : (void*)sX);
+    if (warp < D / 16) {
+      #pragma unroll
+      for (int kk = 0; kk < 4; kk++) {
+        uint32_t va[4];
+        frag_a_t(va, (const unsigned short*)sY, TL::LDT, 16 * warp, 16 * kk);  // A[col][key] = Y[key][col]
+        #pragma unroll
+        for (int np = 0; np < 8; np++) {
+          uint32_t bb[4];
+          frag_b_kn(bb, P, TL::LDP, 16 * kk, 16 * np);  // B[key][feature] = Phi[key][feature]
+          if (KEYS) { mma_f16(acc[2 * np], va, bb[0], bb[1]); mma_f16(acc[2 * np + 1], va, bb[2], bb[3]); }
+          else { mma_bf16(acc[2 * np], va, bb[0], bb[1]); mma_bf16(acc[2 * np + 1], va, bb[2], bb[3]); }
+        }
+      }
+    }
+    if (tid < NF) column_sum_update<KEYS>(sZ, P, TL::LDP, KEYS ? nullptr : sSc);
   }
   __syncthreads();
   const size_t base = (((size_t)b * s.H + h) * a.nseg + seg) * NF;
-  for (int idx = tid; idx < NF * D; idx += 128) a.segS[(base + idx / D) * D + idx % D] = sS[(idx / D) * LY::LDS + idx % D];
-  a.segZ[base + tid] = sZ[tid];
+  if (warp < D / 16) {
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int col = 16 * warp + g + 8 * (e >> 1), f = 8 * j + 2 * t + (e & 1);
+        a.segS[(base + f) * D + col] = acc[j][e];
+      }
+  }
+  if (tid < NF) a.segZ[base + tid] = sZ[tid];
 }
 // Exclusive prefix over segments, in place: FORWARD: segment s gets the sum of segments < s; otherwise
 // the sum of segments > s. One thread per (b, h, element); a fixed order (deterministic).
@@ -1612,7 +1648,7 @@ struct FastBwdArgs {
   bf16 *dq, *phiq_out, *du_q, *du_k;  // phiq_out: (B, T, H, 128) phi_q / den, for the key side
   float *dm, *dk_acc, *dv_acc;
   const bf16 *q, *k, *v, *dy, *Wq, *Wk, *phiq_in;
-  const float *wlogit, *segS, *segZ;
+  const float *wlogit, *segS, *segZ, *segR, *segRz;  // state prefixes per segment: S (query side), R (key side)
   HybridAttnSaved sv;
   bool want_window, want_input_grads;
   Shape s;
@@ -1961,9 +1997,9 @@ __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a
     const bool last = seg == (int)gridDim.x - 1;
     for (int idx = tid; idx < NF * D; idx += 128) {
       const int f = idx / D, col = idx % D;
-      sR[f * LDS + col] = last ? 0.0f : a.segS[(base + f) * D + col];
+      sR[f * LDS + col] = last ? 0.0f : a.segR[(base + f) * D + col];
     }
-    sRv[tid] = last ? 0.0f : a.segZ[base + tid];
+    sRv[tid] = last ? 0.0f : a.segRz[base + tid];
   }
 
   for (int c = c_end - 1; c >= c_begin; c--) {
@@ -2113,13 +2149,13 @@ template <int D>
 struct WinLayout {
   using TL = Tiles<D>;
   static constexpr size_t K = 0, V = K + TL::TILE * 2, Q = V + TL::TILE * 2, DY = Q + 2 * TL::TILE * 2,
-                          DK = DY + 2 * TL::TILE * 2, ST = DK + 64 * (D + 4) * 4, BYTES = ST + 2 * 5 * 64 * 4;
+                          ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * 5 * 64 * 4;
 };
 template <int D>
-__global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
+__global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
   using TL = Tiles<D>;
   using LY = WinLayout<D>;
-  constexpr int LDT = TL::LDT, NT = TL::NT, LDK = D + 4;
+  constexpr int LDT = TL::LDT, NT = TL::NT;
   const Shape& s = a.s;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
@@ -2128,7 +2164,6 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
   bf16* sV = (bf16*)(smem_raw + LY::V);
   bf16* sQ = (bf16*)(smem_raw + LY::Q);
   bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  float* sDK = (float*)(smem_raw + LY::DK);
   float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
   const float gamma = sigmoidf_(a.wlogit[h]);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
@@ -2154,12 +2189,11 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
     }
   }
   cp_async_commit();
-  for (int idx = tid; idx < 64 * LDK; idx += 128) sDK[idx] = 0.0f;
   cp_async_wait<0>();
   __syncthreads();
 
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
-  float dv[NT][4] = {};
+  float dv[NT][4] = {}, dk[NT][4] = {};
   for (int u = 0; u < nq_chunks; u++) {
     const bf16* Q = sQ + u * TL::TILE;
     const bf16* DY = sDY + u * TL::TILE;
@@ -2191,12 +2225,7 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
       pack_c_to_a<false, 8>(dsp, dpt);
     }
     mul_a_tile<D, false>(dv, ap, DY);
-    float dk[NT][4] = {};
     mul_a_tile<D, false>(dk, dsp, Q);
-    #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-      #pragma unroll
-      for (int e = 0; e < 4; e++) sDK[(row0 + g + 8 * (e >> 1)) * LDK + 8 * nt + 2 * t + (e & 1)] += dk[nt][e];
   }
   #pragma unroll
   for (int r = 0; r < 2; r++) {
@@ -2210,7 +2239,7 @@ __global__ void __launch_bounds__(128, 1) fast_window_kv_kernel(FastBwdArgs a) {
       for (int e = 0; e < 2; e++) {
         const int col = 8 * nt + 2 * t + e;
         atomicAdd(&dvd[col], dv[nt][2 * r + e]);
-        atomicAdd(&dkd[col], sDK[(row0 + g + 8 * r) * LDK + col]);
+        atomicAdd(&dkd[col], dk[nt][2 * r + e]);
       }
   }
 }
@@ -2314,6 +2343,11 @@ struct Workspace {
 };
 inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
 inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
+// Floats of the per-segment state prefixes a forward keeps for its backward (none with one segment).
+inline size_t seg_state_floats(const HybridAttnParams& p) {
+  const size_t nseg = num_segments(p);
+  return (hybrid_uses_fast_path(p) && nseg > 1) ? (size_t)p.B * p.H * nseg * NF * (p.d + 1) : 0;
+}
 constexpr int WG_SPLITS = 4;  // row splits of the fast weight-gradient reduction
 
 inline size_t carve(size_t& off, size_t bytes) {
@@ -2351,39 +2385,59 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
   return w;
 }
 
+// Kernel-lab instrumentation: when set, called after each stage's launches (dev/ records an event there).
+inline void (*profile_hook)(const char* stage, cudaStream_t stream) = nullptr;
+inline void mark(const char* stage, cudaStream_t stream) {
+  if (profile_hook) profile_hook(stage, stream);
+}
+
 // ---- fast path host side ----
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
-                              const HybridAttnSaved& saved, const Workspace& ws, cudaStream_t stream) {
+                              const HybridAttnSaved& saved, float* segS, float* segZ, cudaStream_t stream) {
   const int G = seg_chunks(p), nseg = num_segments(p);
   if (nseg <= 1) return;
   const dim3 grid(nseg, p.H, p.B);
-  SegSumArgs sa{ws.segS, ws.segZ, x, y, W, saved.row_den, saved.row_delta, s, G, nseg};
+  SegSumArgs sa{segS, segZ, x, y, W, saved.row_den, saved.row_delta, s, G, nseg};
   if (keys) {
     set_max_smem(segment_sum_kernel<D, true>, SegLayout<D>::BYTES);
-    segment_sum_kernel<D, true><<<grid, 128, SegLayout<D>::BYTES, stream>>>(sa);
+    segment_sum_kernel<D, true><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(ws.segS, ws.segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
   } else {
     set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES);
-    segment_sum_kernel<D, false><<<grid, 128, SegLayout<D>::BYTES, stream>>>(sa);
+    segment_sum_kernel<D, false><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<false><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(ws.segS, ws.segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<false><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
   }
   CUDA_LAUNCH_CHECK();
+}
+// Where the forward's state prefixes live: in `saved` when it has room (the backward reuses them), else scratch.
+inline void state_prefix_buffers(const HybridAttnParams& p, const HybridAttnSaved& saved, const Workspace& ws, float** S, float** Z) {
+  if (saved.seg_state) {
+    *S = saved.seg_state;
+    *Z = saved.seg_state + (size_t)p.B * p.H * num_segments(p) * NF * p.d;
+  } else {
+    *S = ws.segS;
+    *Z = ws.segZ;
+  }
 }
 
 template <int D>
 inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
                            const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved, const Workspace& ws,
                            const HybridStage1Loss* loss, cudaStream_t stream) {
-  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, stream);
+  float *segS, *segZ;
+  state_prefix_buffers(p, saved, ws, &segS, &segZ);
+  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);
+  mark("fwd: state prefixes", stream);
   const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
-  FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, ws.segS, ws.segZ, saved, ws.row_sq,
+  FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, segS, segZ, saved, ws.row_sq,
                  loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
   set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
   fast_forward_kernel<D><<<dim3(num_segments(p), p.H, p.B), 128, FwdLayout<D>::BYTES, stream>>>(fa);
   CUDA_LAUNCH_CHECK();
+  mark("fwd: main", stream);
 }
 
 template <int D>
@@ -2392,21 +2446,28 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
                             const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
   const bool input_grads = grads.dq || grads.dk || grads.dv;
   const dim3 grid(num_segments(p), p.H, p.B);
+  float *segS, *segZ;
+  state_prefix_buffers(p, saved, ws, &segS, &segZ);
   FastBwdArgs ba{grads.dq, ws.phiq_bf, ws.du_q, ws.du_k, ws.dm, ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.Wq, wts.Wk,
-                 ws.phiq_bf, wts.w, ws.segS, ws.segZ, saved, input_grads || (!fused && grads.dw != nullptr), input_grads,
-                 s, seg_chunks(p)};
-  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, stream);
+                 ws.phiq_bf, wts.w, segS, segZ, ws.segS, ws.segZ, saved, input_grads || (!fused && grads.dw != nullptr),
+                 input_grads, s, seg_chunks(p)};
+  if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);  // else: the forward's
+  mark("bwd: S prefixes", stream);
   set_max_smem(fast_backward_query_kernel<D>, BwdQLayout<D>::BYTES);
   fast_backward_query_kernel<D><<<grid, 128, BwdQLayout<D>::BYTES, stream>>>(ba);
   CUDA_LAUNCH_CHECK();
-  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, stream);
+  mark("bwd: query side", stream);
+  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws.segS, ws.segZ, stream);
+  mark("bwd: R prefixes", stream);
   set_max_smem(fast_backward_key_kernel<D>, BwdKLayout<D>::BYTES);
   fast_backward_key_kernel<D><<<grid, 128, BwdKLayout<D>::BYTES, stream>>>(ba);
   CUDA_LAUNCH_CHECK();
+  mark("bwd: key side", stream);
   if (input_grads) {
     set_max_smem(fast_window_kv_kernel<D>, WinLayout<D>::BYTES);
     fast_window_kv_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
+    mark("bwd: window dk dv", stream);
   }
   const long long BT = (long long)p.B * p.T;
   WeightGradArgs wa{ws.dW_part, q, k, ws.du_q, ws.du_k, s, (int)((BT + WG_SPLITS * 64 - 1) / (WG_SPLITS * 64) * 64)};
@@ -2416,6 +2477,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   const size_t nW = (size_t)p.H * p.d * p.f;
   weight_grad_reduce_kernel<<<ceil_div(2 * nW, 256), 256, 0, stream>>>(grads.dWq, grads.dWk, ws.dW_part, nW, WG_SPLITS);
   CUDA_LAUNCH_CHECK();
+  mark("bwd: weight grads", stream);
 }
 
 inline void fast_forward(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
@@ -2456,6 +2518,7 @@ inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool w
   for (int i = 0; i < 5; i++) hybrid_detail::carve(off, rows * 4);
   if (with_dy) hybrid_detail::carve(off, rows * p.d * 2);
   if (with_ylo) hybrid_detail::carve(off, rows * p.d * 2);
+  hybrid_detail::carve(off, hybrid_detail::seg_state_floats(p) * 4);
   return off;
 }
 inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo) {
@@ -2470,6 +2533,8 @@ inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p,
   s.row_wgrad = (float*)(c + hybrid_detail::carve(off, rows * 4));
   s.dy = with_dy ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
   s.y_lo = with_ylo ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
+  const size_t seg = hybrid_detail::seg_state_floats(p);
+  s.seg_state = seg ? (float*)(c + hybrid_detail::carve(off, seg * 4)) : nullptr;
   return s;
 }
 inline size_t hybrid_workspace_bytes(const HybridAttnParams& p) {
@@ -2510,6 +2575,7 @@ inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, c
     sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.row_sq, rows, inv_n);
     CUDA_LAUNCH_CHECK();
   }
+  mark("fwd: loss sum", stream);
 }
 
 inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
@@ -2531,6 +2597,7 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     delta_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(saved.row_delta, dy, y, saved.y_lo, saved.row_den, rows, p.d);
     CUDA_LAUNCH_CHECK();
   }
+  mark("bwd: delta", stream);
   if (input_grads) {
     CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
@@ -2584,4 +2651,5 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
       CUDA_LAUNCH_CHECK();
     }
   }
+  mark("bwd: dw, sinks, dk/dv out", stream);
 }

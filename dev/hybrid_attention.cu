@@ -230,6 +230,53 @@ void benchmark(int version, int T) {
          hybrid_workspace_bytes(p) / 1048576.0, hybrid_saved_bytes(p, true, true) / 1048576.0);
 }
 
+// ---- where the time goes: an event after every stage of the API calls (hybrid_detail::profile_hook) ----
+struct StageLog {
+  std::string prefix;
+  std::vector<std::pair<std::string, cudaEvent_t>> events;
+};
+StageLog* g_stages = nullptr;
+void record_stage(const char* stage, cudaStream_t stream) {
+  cudaEvent_t e;
+  CUDA_CHECK(cudaEventCreate(&e));
+  CUDA_CHECK(cudaEventRecord(e, stream));
+  g_stages->events.push_back({g_stages->prefix + stage, e});
+}
+void profile_stages(int T) {
+  HybridAttnParams p;
+  p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64; p.impl = HYBRID_IMPL_TENSOR;
+  Problem P(p, 7, false);
+  P.forward(true); P.backward_stage1(); P.forward(false); P.backward_full();  // warm-up
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const int reps = 5;
+  std::vector<std::string> names;
+  std::vector<double> total;
+  for (int r = 0; r < reps; r++) {
+    StageLog log;
+    g_stages = &log;
+    hybrid_detail::profile_hook = record_stage;
+    log.prefix = "start";
+    record_stage("", 0);
+    log.prefix = "stage 1 | ";
+    P.forward(true);
+    P.backward_stage1();
+    log.prefix = "full    | ";
+    P.forward(false);
+    P.backward_full();
+    hybrid_detail::profile_hook = nullptr;
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (size_t i = 1; i < log.events.size(); i++) {
+      float ms;
+      CUDA_CHECK(cudaEventElapsedTime(&ms, log.events[i - 1].second, log.events[i].second));
+      if (r == 0) { names.push_back(log.events[i].first); total.push_back(0); }
+      total[i - 1] += ms;
+    }
+    for (auto& e : log.events) CUDA_CHECK(cudaEventDestroy(e.second));
+  }
+  for (size_t i = 0; i < names.size(); i++)
+    printf("v2 T=%-6d B=%d stage %-40s %8.3f ms\n", T, p.B, names[i].c_str(), total[i] / reps);
+}
+
 int main(int argc, char** argv) {
   int only = 0;
   bool quick = false;
@@ -258,6 +305,9 @@ int main(int argc, char** argv) {
       benchmark(version, T);
     }
   }
+  if (!only || only == 2)
+    for (int T : {1024, 4096, 32768})
+      if (!quick || T <= 4096) profile_stages(T);
   printf("%s\n", ok ? "all versions valid" : "VALIDATION FAILED");
   return ok ? 0 : 1;
 }
