@@ -2,7 +2,72 @@
 // attention), forward and backward, chunked and linear in T. The function is exactly the one of
 // ../shared/LOLCATS.md §1; reference/hybrid_ref.h is its CPU oracle (the O(T^2) formula).
 //
-// @@ALGORITHM@@
+// USE. Stage 1: hybrid_attention_forward(..., &loss) then hybrid_attention_backward(..., y = dy = nullptr):
+// dWq, dWk, dw accumulate; nothing else is computed. Stage 2: forward without a loss, then backward with dy
+// and dq/dk/dv set. Buffers: HybridAttnSaved per layer (hybrid_saved_bytes), one scratch workspace for all
+// layers (hybrid_workspace_bytes). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
+//
+// THE FUNCTION (per batch b, query head h, kv head h / (H/Hkv); window w = 64):
+//   phi(x) = [softmax(x W), softmax(-x W)] (2f entries, clamped >= 1e-12); per query head, W_q for q, W_k for k
+//   softmax keys of query i: the window (terrace: chunks c-1 and c of query chunk c; sliding: i-w < j <= i)
+//   and the sinks (the first `sinks` positions); linear keys: every other j <= i
+//   y_i = (gamma sum_W e^{s_ij - m_i} v_j + sum_L phi_q(q_i).phi_k(k_j) v_j) / (the same sums without v_j)
+//   with m_i the max over the softmax keys only; the linear part is not rescaled by it; no epsilon.
+//
+// ALGORITHM. Chunks of 64 = w positions, anchored at position 0. A query in chunk c has its softmax keys in
+// chunks c-1 and c (plus the sinks, which from chunk 2 on form a 16-key tile of their own) and its linear keys
+// in chunks <= c-2 (both geometries) plus, for sliding, the keys of chunk c-1 at least w behind it. With the
+// prefix state of the linear keys
+//     S_c = sum over keys j in chunks <= c-2 (sinks excluded) of phi_k(k_j) v_j^T      (2f x d = 128 x d)
+//     z_c = sum over the same keys of phi_k(k_j)                                        (128)
+// chunk c needs two 64-key tiles of K/V and (S_c, z_c):
+//     numA, denA = online softmax over the tiles (running max, rescaled as in flash attention), times gamma
+//     numL = phi_q S_c (+ sliding: (phi_q phi_k^T, masked) V_{c-1}),  denL = phi_q . z_c (+ its row sums)
+//     y = (numA + numL) / (denA + denL)
+// numA and numL stay in separate accumulators and meet only at the end, which is how the max over the
+// window keys and the unscaled linear term combine exactly. Work per chunk is constant: linear in T; memory
+// is O(T d) plus one 128 x d state per thread block (no T x T buffer anywhere).
+//
+// FORWARD (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a segment of
+// 16 consecutive chunks of one (b, h); warp w owns rows [16w, 16w + 16) of each chunk. S (fp32) and z live in
+// shared memory. Per chunk c: phi_k of chunk c-1 (bf16 mma + softmax, to shared memory), the softmax tiles
+// (q K^T in bf16, probabilities in f16 for p V), phi_q (kept as f16 mma fragments), phi_q S in tf32 mma on
+// the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum phi_k(c-1).
+// K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read the same
+// K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the exclusive scan
+// over segments of each segment's own sum (segment_sum_kernel, all segments in parallel); T <= 1024 is one
+// segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1 loss:
+// the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the window
+// factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
+// revisits the softmax part.
+//
+// BACKWARD. With g_i = dy_i / den_i and delta_i = dy_i . y_i / den_i:
+//   dA_ij = dB_ij = g_i . v_j - delta_i; on softmax keys ds_ij = A_ij dA_ij, and since m_i is a real function
+//   of the scores here, the arg max j* also gets dm_i = -sum_j A_ij dA_ij;  dw_h = (1 - gamma) sum A dA.
+//   dphi_q(i) = S_c g_i - delta_i z_c  (+ sliding: the masked keys of chunk c-1, sum_j dB_ij phi_k(j))
+//   dphi_k(j) = R_c v_j - r_c          (+ sliding: the masked queries of chunk c+1)
+//   with the REVERSE prefix state R_c = sum over queries in chunks >= c+2 of phi_q(q_i) g_i^T, r_c = sum
+//   phi_q(q_i) delta_i; the linear part of dv_j is R_c^T phi_k(k_j) (+ sliding).
+//   Feature maps: du = phi+ (dphi+ - phi+.dphi+) - phi- (dphi- - phi-.dphi-); dx = W du, dW = sum x du^T.
+// fast_backward_query_kernel walks the segment forward with S (the forward's prefixes): phi_q, dphi_q = dy S^T
+// (tf32), du_q (to scratch), dq = du_q Wq^T, and when dq (or, with dy given, dw) is wanted the window part:
+// s, p from the saved m_i, dP = dy V^T, ds, its row sums (-dm_i, window term), dq += ds K / sqrt(d) + dm_i k_j*.
+// fast_backward_key_kernel walks the segment backward with R (its prefixes from a segment-sum pass over
+// phi_q / den and dy): phi_k, dphi_k = V R^T - r (tf32), du_k, and for stage 2 dv = phi_k R, dk = du_k Wk^T.
+// fast_window_kv_kernel (stage 2) is key-centric and stateless: key chunk c against query chunks c and c+1,
+// dk += ds^T q / sqrt(d) (arg-max terms included), dv += A^T g. weight_grad_kernel forms dWq = sum q^T du_q
+// and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
+// stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
+// term (and dy in stage 1). Stage 1 is bit-reproducible; stage 2 sums dk/dv over GQA heads with fp32 atomics.
+//
+// PRECISION. bf16 inputs; q K^T and the feature-map products in bf16 mma (exact products); probabilities and
+// features in f16 (11-bit mantissa: bf16 probabilities would cost as much error as storing y in bf16); products
+// with the fp32 state in tf32; accumulation in fp32. Against fp64 on the same bf16 inputs: forward ~1.6e-3
+// (the bf16 output alone is ~1.7e-3 rms), gradients 2e-3 .. 5e-3. Limits: window 64, sinks <= 16, and on the
+// tensor path |v| <= 65504 (V is staged in f16).
+//
+// The plain path (generic_*: any d in {8..128}, f <= 64) computes the same function with fp32 CUDA-core code
+// and per-chunk states in global memory: simple, linear in T, slow; the kernel lab's reference version.
 #pragma once
 #include <cuda_fp16.h>
 
