@@ -295,7 +295,7 @@ __device__ __forceinline__ int window_lo(const Shape& s, int i) {
 // ---- small kernels shared by both paths -------------------------------------------------------
 
 // delta_i = dy_i . y_i / den_i, one warp per (b, t, h) row.
-__global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__ dy, const bf16* __restrict__ y,
+static __global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__ dy, const bf16* __restrict__ y,
                              const bf16* __restrict__ y_lo, const float* __restrict__ den, size_t rows, int d) {
   const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -310,7 +310,7 @@ __global__ void delta_kernel(float* __restrict__ delta, const bf16* __restrict__
 }
 
 // dw_h += (1 - gamma_h) * sum over (b, t) of row_wgrad; one block per head, fixed order (deterministic).
-__global__ void window_grad_kernel(float* __restrict__ dw, const float* __restrict__ row_wgrad,
+static __global__ void window_grad_kernel(float* __restrict__ dw, const float* __restrict__ row_wgrad,
                                    const float* __restrict__ wlogit, int BT, int H) {
   const int h = blockIdx.x;
   __shared__ float partial[32];
@@ -327,7 +327,7 @@ __global__ void window_grad_kernel(float* __restrict__ dw, const float* __restri
 }
 
 // *out += sum(x[0..n)) * scale, one block, fixed order (deterministic).
-__global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict__ x, size_t n, float scale) {
+static __global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict__ x, size_t n, float scale) {
   __shared__ float partial[32];
   float acc = 0.0f;
   for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
@@ -341,7 +341,7 @@ __global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict
   }
 }
 
-__global__ void f32_to_bf16_kernel(bf16* __restrict__ out, const float* __restrict__ in, size_t n) {
+static __global__ void f32_to_bf16_kernel(bf16* __restrict__ out, const float* __restrict__ in, size_t n) {
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16(in[i]);
 }
@@ -349,7 +349,7 @@ __global__ void f32_to_bf16_kernel(bf16* __restrict__ out, const float* __restri
 // Gradients of the sink keys (positions < sinks) from the query chunks >= 2, where they form a tile of
 // their own (in chunks 0 and 1 they are ordinary window keys, handled by the key-side kernels).
 // One block per (query chunk, h, b), one warp per sink key; atomics into the fp32 dk/dv accumulators.
-__global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restrict__ dv_acc, const bf16* __restrict__ q,
+static __global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restrict__ dv_acc, const bf16* __restrict__ q,
                                     const bf16* __restrict__ k, const bf16* __restrict__ v, const bf16* __restrict__ dy,
                                     const float* __restrict__ wlogit, HybridAttnSaved sv, const float* __restrict__ dm,
                                     Shape s) {
@@ -406,7 +406,7 @@ __global__ void sink_kv_grad_kernel(float* __restrict__ dk_acc, float* __restric
 
 // phi (B, T, H, 2f) fp32 of the rows of x (B, T, Hx, d) with W (H, d, f): one warp per (b, t, h).
 // For keys Hx = Hkv and query head h reads kv head h / group (the maps are per query head).
-__global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* __restrict__ x,
+static __global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* __restrict__ x,
                                            const bf16* __restrict__ W, Shape s, int Hx) {
   const size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b, t, h)
   const int lane = threadIdx.x % 32;
@@ -456,7 +456,7 @@ __global__ void generic_feature_map_kernel(float* __restrict__ phi, const bf16* 
 // chunk c (sinks excluded). QUERIES: R_c[e][col] = sum phi_q[i][e] dy_i[col] / den_i, r_c[e] = sum
 // phi_q[i][e] delta_i. St (B, H, NC, 2f, d), zt (B, H, NC, 2f). One block per (c, h, b).
 template <bool KEYS>
-__global__ void generic_chunk_sum_kernel(float* __restrict__ St, float* __restrict__ zt, const float* __restrict__ phi,
+static __global__ void generic_chunk_sum_kernel(float* __restrict__ St, float* __restrict__ zt, const float* __restrict__ phi,
                                          const bf16* __restrict__ y, const float* __restrict__ den,
                                          const float* __restrict__ delta, Shape s) {
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
@@ -487,7 +487,7 @@ __global__ void generic_chunk_sum_kernel(float* __restrict__ St, float* __restri
 // <= c-2 (the linear region of a query in chunk c); backward (queries): key chunk c gets the sum over
 // query chunks >= c+2. One thread per (b, h, element).
 template <bool FORWARD>
-__global__ void generic_chunk_scan_kernel(float* __restrict__ St, float* __restrict__ zt, Shape s) {
+static __global__ void generic_chunk_scan_kernel(float* __restrict__ St, float* __restrict__ zt, Shape s) {
   const int F2 = 2 * s.f, per = F2 * (s.d + 1);
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)s.B * s.H * per) return;
@@ -519,7 +519,7 @@ struct GenericFwdArgs {
 };
 constexpr int GEN_MAX_WIN = HYBRID_MAX_SINKS + 2 * CHUNK;  // softmax keys of one query at most
 
-__global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdArgs a) {
+static __global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdArgs a) {
   const Shape& s = a.s;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
@@ -666,7 +666,7 @@ __device__ __forceinline__ void generic_phi_backward(float (&du)[2], const float
   }
 }
 
-__global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdArgs a) {
+static __global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdArgs a) {
   const Shape& s = a.s;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
@@ -770,7 +770,7 @@ __global__ void __launch_bounds__(128) generic_backward_query_kernel(GenericBwdA
 // Backward, key side: du_k, and (full backward) dk, dv into the fp32 accumulators. One warp per key j.
 // The queries that see key j: chunk(j) (causal) and chunk(j)+1 through the window, or (sliding, i >= j + w)
 // through the linear part; later chunks through the state R. Sinks from chunks >= 2: sink_kv_grad_kernel.
-__global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArgs a) {
+static __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArgs a) {
   const Shape& s = a.s;
   const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, F2 = 2 * s.f;
@@ -887,7 +887,7 @@ __global__ void __launch_bounds__(128) generic_backward_key_kernel(GenericBwdArg
 
 // dW_h[c][j] += sum over (b, t) of x[b, t, h'][c] du[b, t, h][j] (h' = h for queries, h / group for keys);
 // one thread per (h, c, j), fixed summation order (deterministic). For the generic path.
-__global__ void generic_weight_grad_kernel(float* __restrict__ dW, const bf16* __restrict__ x, const bf16* __restrict__ du,
+static __global__ void generic_weight_grad_kernel(float* __restrict__ dW, const bf16* __restrict__ x, const bf16* __restrict__ du,
                                            Shape s, int Hx) {
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)s.H * s.d * s.f) return;
@@ -1353,7 +1353,7 @@ __device__ __forceinline__ void softmax_tile(float (&o)[D / 8][4], float (&m)[2]
 }
 
 template <int D>
-__global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
+static __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs a) {
   using TL = Tiles<D>;
   using LY = FwdLayout<D>;
   constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
@@ -1604,7 +1604,7 @@ struct SegLayout {
                           SC = Z + NF * 4, BYTES = SC + 64 * 4;
 };
 template <int D, bool KEYS>
-__global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
+static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
   using TL = Tiles<D>;
   using LY = SegLayout<D>;
   const Shape& s = a.s;
@@ -1694,7 +1694,7 @@ __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs 
 // Exclusive prefix over segments, in place: FORWARD: segment s gets the sum of segments < s; otherwise
 // the sum of segments > s. One thread per (b, h, element); a fixed order (deterministic).
 template <bool FORWARD>
-__global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, int BH, int nseg, int D) {
+static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, int BH, int nseg, int D) {
   const size_t per = (size_t)NF * (D + 1);
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)BH * per) return;
@@ -1775,7 +1775,7 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
 }
 
 template <int D>
-__global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs a) {
+static __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(FastBwdArgs a) {
   using TL = Tiles<D>;
   using LY = BwdQLayout<D>;
   constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT, KT = TL::KT;
@@ -2014,7 +2014,7 @@ struct BwdKLayout {
                           BYTES = DD + 2 * 64 * 4;
 };
 template <int D>
-__global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a) {
+static __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBwdArgs a) {
   using TL = Tiles<D>;
   using LY = BwdKLayout<D>;
   constexpr int LDT = TL::LDT, LDS = LY::LDS, NT = TL::NT;
@@ -2217,7 +2217,7 @@ struct WinLayout {
                           ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * 5 * 64 * 4;
 };
 template <int D>
-__global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
+static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
   using TL = Tiles<D>;
   using LY = WinLayout<D>;
   constexpr int LDT = TL::LDT, NT = TL::NT;
@@ -2323,7 +2323,7 @@ struct WgLayout {
   static constexpr size_t X = 0, DU = X + 2 * TL::TILE * 2, BYTES = DU + 2 * 64 * TL::LDW * 2;
 };
 template <int D>
-__global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
+static __global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
   using TL = Tiles<D>;
   using LY = WgLayout<D>;
   constexpr int MT = D / 64;  // 16-row m-tiles per warp (warp w owns d rows [w D/4, (w+1) D/4))
@@ -2385,7 +2385,7 @@ __global__ void __launch_bounds__(128) weight_grad_kernel(WeightGradArgs a) {
     }
 }
 // dWq += sum of the query partials, dWk += the key partials (fixed order).
-__global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float* __restrict__ dWk, const float* __restrict__ part,
+static __global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float* __restrict__ dWk, const float* __restrict__ part,
                                           size_t n, int splits) {
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= 2 * n) return;

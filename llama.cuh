@@ -247,7 +247,7 @@ inline void llama_free(LlamaModel& m) {
 struct LlamaActs {
   int B = 0, T = 0, vocab_chunk = 0;
   bf16* memory = nullptr;
-  bf16* x;     // (B, T, D) residual stream
+  float* x;    // (B, T, D) residual stream, fp32 (the CPU reference's precision; bf16 here cost ~1% on logits)
   bf16* xn;    // (B, T, D) normed input of attention / MLP
   bf16* qkv;   // (B, T, Q + 2 KV) fused projection output
   bf16* q;     // (B, T, H, hd) post-RoPE
@@ -271,10 +271,9 @@ inline LlamaActs llama_acts_alloc(const LlamaModel& m, int B, int T, int vocab_c
   a.B = B; a.T = T;
   a.vocab_chunk = std::min<int>(vocab_chunk, m.V());
   size_t N = (size_t)B * T, D = m.D(), Q = m.Q(), KV = m.KV(), F = m.F();
-  size_t total = N * (2 * D + (Q + 2 * KV) + Q + 2 * KV + Q + 2 * F + F);
+  size_t total = N * (D + (Q + 2 * KV) + Q + 2 * KV + Q + 2 * F + F);
   a.memory = cuda_alloc<bf16>(total);
   bf16* p = a.memory;
-  a.x = p; p += N * D;
   a.xn = p; p += N * D;
   a.qkv = p; p += N * (Q + 2 * KV);
   a.q = p; p += N * Q;
@@ -283,8 +282,9 @@ inline LlamaActs llama_acts_alloc(const LlamaModel& m, int B, int T, int vocab_c
   a.att = p; p += N * Q;
   a.gu = p; p += N * 2 * F;
   a.hmlp = p; p += N * F;
-  a.fmem = cuda_alloc<float>(N * a.vocab_chunk + 4 * N);
-  a.logits = a.fmem;
+  a.fmem = cuda_alloc<float>(N * D + N * a.vocab_chunk + 4 * N);
+  a.x = a.fmem;
+  a.logits = a.x + N * D;
   a.run_max = a.logits + N * a.vocab_chunk;
   a.run_sum = a.run_max + N;
   a.tgt_logit = a.run_sum + N;
@@ -303,42 +303,45 @@ inline void llama_acts_free(LlamaActs& a) {
 // ------------------------------------------------------------------------------------------------
 // Kernels.
 
-// x (N, D) = embed[tokens]; 16-byte copies.
-static __global__ void embedding_kernel(bf16* __restrict__ x, const int* __restrict__ tokens, const bf16* __restrict__ embed,
-                                 int N, int D) {
+// x (N, D) fp32 = embed[tokens]; 16-byte loads of 8 bf16, two 16-byte stores.
+static __global__ void embedding_kernel(float* __restrict__ x, const int* __restrict__ tokens,
+                                        const bf16* __restrict__ embed, int N, int D) {
   const int vec = D / 8;  // D is a multiple of 8 (checked at launch)
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)N * vec;
        i += (long long)gridDim.x * blockDim.x) {
     int n = (int)(i / vec), c = (int)(i % vec);
-    reinterpret_cast<int4*>(x + (size_t)n * D)[c] = reinterpret_cast<const int4*>(embed + (size_t)tokens[n] * D)[c];
+    int4 pack = reinterpret_cast<const int4*>(embed + (size_t)tokens[n] * D)[c];
+    const bf16* e = reinterpret_cast<const bf16*>(&pack);
+    float4* dst = reinterpret_cast<float4*>(x + (size_t)n * D + (size_t)c * 8);
+    dst[0] = make_float4(__bfloat162float(e[0]), __bfloat162float(e[1]), __bfloat162float(e[2]), __bfloat162float(e[3]));
+    dst[1] = make_float4(__bfloat162float(e[4]), __bfloat162float(e[5]), __bfloat162float(e[6]), __bfloat162float(e[7]));
   }
 }
 
-// out (N, D) = x * rsqrt(mean(x^2) + eps) * w. One warp per row, fp32 statistics.
-static __global__ void rmsnorm_kernel(bf16* __restrict__ out, const bf16* __restrict__ x, const bf16* __restrict__ w, int N,
-                               int D, float eps) {
+// out (N, D) bf16 = x * rsqrt(mean(x^2) + eps) * w, x fp32. One warp per row, 8 elements per access.
+static __global__ void rmsnorm_kernel(bf16* __restrict__ out, const float* __restrict__ x, const bf16* __restrict__ w,
+                                      int N, int D, float eps) {
   const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.x * warps + threadIdx.x / 32;
   if (row >= N) return;
-  const bf16* xr = x + (size_t)row * D;
+  const float* xr = x + (size_t)row * D;
   bf16* outr = out + (size_t)row * D;
   float ss = 0.f;
   for (int c = lane * 8; c < D; c += 32 * 8) {
-    int4 pack = *reinterpret_cast<const int4*>(xr + c);
-    const bf16* e = reinterpret_cast<const bf16*>(&pack);
-#pragma unroll
-    for (int j = 0; j < 8; j++) { float f = __bfloat162float(e[j]); ss += f * f; }
+    const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
+    ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
   const float r = rsqrtf(ss / D + eps);
   for (int c = lane * 8; c < D; c += 32 * 8) {
-    int4 pack = *reinterpret_cast<const int4*>(xr + c), wpack = *reinterpret_cast<const int4*>(w + c), opack;
-    const bf16* e = reinterpret_cast<const bf16*>(&pack);
+    const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
+    const float e[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    int4 wpack = *reinterpret_cast<const int4*>(w + c), opack;
     const bf16* we = reinterpret_cast<const bf16*>(&wpack);
     bf16* oe = reinterpret_cast<bf16*>(&opack);
 #pragma unroll
-    for (int j = 0; j < 8; j++) oe[j] = __float2bfloat16(__bfloat162float(e[j]) * r * __bfloat162float(we[j]));
+    for (int j = 0; j < 8; j++) oe[j] = __float2bfloat16(e[j] * r * __bfloat162float(we[j]));
     *reinterpret_cast<int4*>(outr + c) = opack;
   }
 }
@@ -434,7 +437,7 @@ static __global__ void ce_finish_kernel(float* nll, const float* run_max, const 
 // ------------------------------------------------------------------------------------------------
 // Forward pieces.
 
-inline void rmsnorm_forward(bf16* out, const bf16* x, const bf16* w, int N, int D, float eps, cudaStream_t s) {
+inline void rmsnorm_forward(bf16* out, const float* x, const bf16* w, int N, int D, float eps, cudaStream_t s) {
   if (D % 8) fatal("hidden size %d is not a multiple of 8", D);
   rmsnorm_kernel<<<ceil_div(N, 8), 256, 0, s>>>(out, x, w, N, D, eps);
   CUDA_LAUNCH_CHECK();
@@ -465,12 +468,12 @@ inline void llama_layer_qkv(Blas& blas, const LlamaModel& m, int l, LlamaActs& a
 inline void llama_layer_finish(Blas& blas, const LlamaModel& m, int l, LlamaActs& a, cudaStream_t s) {
   const int N = a.B * a.T, D = m.D(), F = m.F();
   const LlamaLayerWeights& L = m.layers[l];
-  linear_forward(blas, a.x, CUDA_R_16BF, D, a.att, L.wo, N, m.Q(), D, true, s);
+  linear_forward(blas, a.x, CUDA_R_32F, D, a.att, L.wo, N, m.Q(), D, true, s);
   rmsnorm_forward(a.xn, a.x, L.ffn_norm, N, D, m.h.norm_eps, s);
   linear_forward(blas, a.gu, CUDA_R_16BF, 2 * F, a.xn, L.w_gate_up, N, D, 2 * F, false, s);
   swiglu_kernel<<<std::min(ceil_div((long long)N * F, 256), 65535 * 4), 256, 0, s>>>(a.hmlp, a.gu, N, F);
   CUDA_LAUNCH_CHECK();
-  linear_forward(blas, a.x, CUDA_R_16BF, D, a.hmlp, L.w_down, N, F, D, true, s);
+  linear_forward(blas, a.x, CUDA_R_32F, D, a.hmlp, L.w_down, N, F, D, true, s);
 }
 
 // Final norm, LM head and cross-entropy, chunked over the vocabulary: per-position NLL into a.nll.

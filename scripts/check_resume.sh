@@ -5,6 +5,7 @@
 set -euo pipefail
 model=$1; data=$2; out=$3; n=${4:-4}; t=${5:-1024}
 rm -rf "$out/straight" "$out/resumed"
+mkdir -p "$out"
 common=(-m "$model" -i "$data" -t "$t" -b 1 -g 2 --eval-every "$n" --schedule constant --seed 7)
 ./train_lolcats "${common[@]}" -o "$out/straight" --steps $((2 * n)) > "$out/straight.txt"
 ./train_lolcats "${common[@]}" -o "$out/resumed" --steps "$n" > "$out/resumed_1.txt"
