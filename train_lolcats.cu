@@ -314,6 +314,17 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
   CUDA_CHECK(cudaMallocHost(&h_inputs, N * 4));
   CUDA_CHECK(cudaMallocHost(&h_targets, N * 4));
   CUDA_CHECK(cudaMallocHost(&h_mask, N));
+  // The pinned batch buffer is reused: before the loader overwrites it, the previous asynchronous
+  // upload from it must have happened (otherwise a queued copy would read the NEXT batch's tokens).
+  cudaEvent_t h2d_done;
+  CUDA_CHECK(cudaEventCreateWithFlags(&h2d_done, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventRecord(h2d_done, st));
+  auto upload_next = [&](DataLoader& loader) {
+    CUDA_CHECK(cudaEventSynchronize(h2d_done));
+    loader.next(h_inputs, h_targets, h_mask);
+    CUDA_CHECK(cudaMemcpyAsync(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice, st));
+    CUDA_CHECK(cudaEventRecord(h2d_done, st));
+  };
 
   if (bench) {
     // Random tokens; each timed step = one micro-batch forward + backward + optimizer step.
@@ -380,8 +391,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
       if (o.val_batches > 0) batches = std::min<uint64_t>(batches, o.val_batches);
       if (batches == 0) fatal("the validation split holds fewer than B = %d sequences", o.B);
       for (uint64_t i = 0; i < batches; i++) {
-        val->next(h_inputs, h_targets, h_mask);
-        CUDA_CHECK(cudaMemcpyAsync(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice, st));
+        upload_next(*val);
         stage1_micro_batch(s, blas, m, a, false, st);
       }
       std::vector<double> lm = stage1_take_layer_mse(s, (int)batches, st);
@@ -407,8 +417,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
       auto t0 = std::chrono::steady_clock::now();
       adamw_zero_grad(&s.opt, st);
       for (int micro = 0; micro < o.grad_accum; micro++) {
-        train->next(h_inputs, h_targets, h_mask);
-        CUDA_CHECK(cudaMemcpyAsync(a.tokens, h_inputs, N * 4, cudaMemcpyHostToDevice, st));
+        upload_next(*train);
         stage1_micro_batch(s, blas, m, a, true, st);
       }
       const std::vector<double> lm = stage1_take_layer_mse(s, o.grad_accum, st);
@@ -455,6 +464,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
     fclose(log);
     printf("done: best validation loss %.5f, checkpoint %s\n", s.best_val, best_path.c_str());
   }
+  CUDA_CHECK(cudaEventDestroy(h2d_done));
   CUDA_CHECK(cudaFreeHost(h_inputs));
   CUDA_CHECK(cudaFreeHost(h_targets));
   CUDA_CHECK(cudaFreeHost(h_mask));
