@@ -15,20 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from lolcats_tokenizer import (HEADER, TokenizerFileError, load_tokenizer,  # noqa: E402
                                read_tokenizer_file)
+from make_tokenizer_fixtures import fnv1a64  # noqa: E402  (the hash the fixtures were written with)
 
 EXPORT = os.path.join(ROOT, "scripts", "export_tokenizer.py")
 FIXTURES = os.path.join(ROOT, "test", "fixtures", "tokenizer")
 DATA = os.path.join(os.environ.get("LOLCATS_SHARED", os.path.join(ROOT, "..", "shared")), "data")
 SOURCES = {"llama3": ("llama3", os.path.join(ROOT, "assets", "llama3_tokenizer.model")),
            "smollm2": ("gguf", os.path.join(ROOT, "assets", "SmolLM2-135M-Instruct.Q4_1.gguf"))}
-
-
-def fnv1a64(ids):
-    h = 0xCBF29CE484222325
-    for i in ids:
-        for b in i.to_bytes(4, "little"):
-            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
 
 
 def read_fixture(name):
