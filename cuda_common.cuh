@@ -1,6 +1,7 @@
 // cuda_common.cuh: what every CUDA translation unit needs: checked CUDA/cuBLAS calls, the bf16
 // type, launch-error checks, device buffers with one allocation each, and a simple event timer.
 #pragma once
+#include <algorithm>
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -70,8 +71,13 @@ struct GpuTimer {
   }
 };
 
+// GPU memory in use on the device (cudaMemGetInfo: this process's allocations, the CUDA context and
+// library workspaces), the largest value seen by any call so far. The trainer allocates its buffers up
+// front, so sampling once per step catches the peak.
 inline double peak_memory_gib() {
+  static double peak = 0.0;
   size_t free_b, total_b;
   CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  return (double)(total_b - free_b) / (1024.0 * 1024.0 * 1024.0);
+  peak = std::max(peak, (double)(total_b - free_b) / (1024.0 * 1024.0 * 1024.0));
+  return peak;
 }
