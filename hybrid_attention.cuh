@@ -80,7 +80,9 @@
 // ================================================================================================
 
 enum HybridGeometry { HYBRID_TERRACE = 0, HYBRID_SLIDING = 1 };
-enum HybridImpl { HYBRID_IMPL_AUTO = 0, HYBRID_IMPL_PLAIN = 1, HYBRID_IMPL_TENSOR = 2 };
+// TENSOR: the fastest tensor-core kernels for the shape (version 3 where it applies); TENSOR_V2 forces the
+// version-2 tensor-core kernels (kept for comparison in the kernel lab and the tests).
+enum HybridImpl { HYBRID_IMPL_AUTO = 0, HYBRID_IMPL_PLAIN = 1, HYBRID_IMPL_TENSOR = 2, HYBRID_IMPL_TENSOR_V2 = 3 };
 
 constexpr int HYBRID_WINDOW = 64;     // the only window the kernels support (it is also the chunk)
 constexpr int HYBRID_MAX_SINKS = 16;  // sink positions the kernels support
@@ -2396,6 +2398,791 @@ static __global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float*
   (z == 0 ? dWq : dWk)[e] += acc;
 }
 
+// ================================================================================================
+// Fast path, version 3 (d = 128, f = 64): 8 warps per block, the fp32 linear state in REGISTERS.
+// ================================================================================================
+// Why: version 2 keeps the 128 x d state in shared memory, which with the K/V tiles fills an SM with one
+// block of 4 warps; every chunk is then a long dependent chain with nothing to hide its latency. Here each
+// of 8 warps owns 16 rows of the state as mma accumulators (16 x 128 fp32 = 64 registers a thread), so the
+// state update is a plain mma chain into those registers, and the state is used as an operand straight
+// from them: a tf32 A fragment wants k-columns (t, t+4) where the C fragment holds (2t, 2t+1), and since
+// k is summed over, logical k t / t+4 is mapped to physical column 2t / 2t+1 of each 8-wide k-step, with
+// the B operand read with the same permutation (one 32-bit load of a 16-bit pair from a row-major tile).
+// The state's products therefore come out transposed (state rows x 64 chunk rows) and go through a
+// shared fp32 tile to the warps that own the chunk rows. Everything else in a chunk (feature maps,
+// softmax window, output, feature-map backward) is split over the 8 warps. Stage-1 backward only (no dq,
+// dk, dv, no window recomputation); the full backward keeps the version-2 kernels.
+constexpr int V3_THREADS = 256;
+constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile: conflict-free for the
+                                 // transposed scalar stores (rows 2t, cols g) and the float2 row reads
+
+// rows [0, nrows) x cols [0, COLS) of a global matrix -> shared, by all 256 threads (zeros past n_valid).
+template <int COLS, class T>
+__device__ __forceinline__ void load_rows_async_v3(T* dst, int ld, const T* src, size_t row_stride, int nrows, int n_valid) {
+  constexpr int CPR = COLS / 8;
+  for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
+    const int r = idx / CPR, cc = idx % CPR;
+    const bool ok = r < n_valid;
+    cp_async16(dst + r * ld + cc * 8, ok ? src + (size_t)r * row_stride + cc * 8 : src, ok);
+  }
+}
+template <int COLS>
+__device__ __forceinline__ void tile_bf16_to_f16_v3(void* tile, int ld, int nrows) {
+  constexpr int CPR = COLS / 8;
+  for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
+    uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
+    uint4 x = *p;
+    uint32_t* w = (uint32_t*)&x;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) w[i] = pack_f16(bf16_lo(w[i]), bf16_hi(w[i]));
+    *p = x;
+  }
+}
+// tf32 A fragment of k-step j from the C fragment of the state's n-tile j (the permutation above).
+__device__ __forceinline__ void tf32_a_from_c(uint32_t (&a)[4], const float (&c)[4]) {
+  a[0] = to_tf32(c[0]);
+  a[1] = to_tf32(c[2]);
+  a[2] = to_tf32(c[1]);
+  a[3] = to_tf32(c[3]);
+}
+// out (16 state rows x 64 chunk rows) = State (16 x 128, C fragments) . X^T, where X is a 64 x 128 row-major
+// 16-bit shared tile (row stride ld elements): B[k][n] = X[n][k], read as one 16-bit pair per k-step.
+template <bool HALF>
+__device__ __forceinline__ void state_times_tile_t(float (&out)[8][4], const float (&st)[16][4], const void* X, int ld) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  const uint32_t* P = (const uint32_t*)X;
+  #pragma unroll
+  for (int n = 0; n < 8; n++) out[n][0] = out[n][1] = out[n][2] = out[n][3] = 0.0f;
+  #pragma unroll
+  for (int j = 0; j < 16; j++) {
+    uint32_t a[4];
+    tf32_a_from_c(a, st[j]);
+    #pragma unroll
+    for (int n = 0; n < 8; n++) {
+      const uint32_t w = P[((8 * n + g) * ld + 8 * j + 2 * t) / 2];
+      const float lo = HALF ? f16_lo(w) : bf16_lo(w), hi = HALF ? f16_hi(w) : bf16_hi(w);  // exact in tf32
+      mma_tf32(out[n], a, __float_as_uint(lo), __float_as_uint(hi));
+    }
+  }
+}
+// State (16 rows m0.. of A^T Y: M = columns of A, N = the 128 columns of Y) += A^T Y over a 64-row tile:
+// A (64 x >= m0+16) and Y (64 x 128) 16-bit row-major shared tiles.
+template <bool HALF>
+__device__ __forceinline__ void state_accumulate(float (&st)[16][4], const void* A, int lda, int m0, const void* Y, int ldy) {
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) {
+    uint32_t aa[4];
+    frag_a_t(aa, (const unsigned short*)A, lda, m0, 16 * kk);
+    #pragma unroll
+    for (int np = 0; np < 8; np++) {
+      uint32_t bb[4];
+      frag_b_kn(bb, (const unsigned short*)Y, ldy, 16 * kk, 16 * np);
+      if (HALF) { mma_f16(st[2 * np], aa, bb[0], bb[1]); mma_f16(st[2 * np + 1], aa, bb[2], bb[3]); }
+      else { mma_bf16(st[2 * np], aa, bb[0], bb[1]); mma_bf16(st[2 * np + 1], aa, bb[2], bb[3]); }
+    }
+  }
+}
+// acc (16 x 64 columns [col0, col0+64) of Y) += A (16 x 16*NK16, A fragments) . Y (16-bit shared tile).
+template <bool HALF, int NK16 = 4>
+__device__ __forceinline__ void mul_a_tile_half(float (&acc)[8][4], const uint32_t (&A)[4][4], const void* Y, int ldy, int col0) {
+  #pragma unroll
+  for (int kk = 0; kk < NK16; kk++)
+    #pragma unroll
+    for (int np = 0; np < 4; np++) {
+      uint32_t bb[4];
+      frag_b_kn(bb, (const unsigned short*)Y, ldy, 16 * kk, col0 + 16 * np);
+      if (HALF) { mma_f16(acc[2 * np], A[kk], bb[0], bb[1]); mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
+      else { mma_bf16(acc[2 * np], A[kk], bb[0], bb[1]); mma_bf16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
+    }
+}
+// Online softmax over one key tile for a warp's 16 query rows, output columns [col0, col0+64) only (the
+// two warps of a row group each take half of the head dim; both form the same scores, max and sums).
+template <int NKEYS, class MASK>
+__device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2], float (&l)[2], float (&best)[2], int (&barg)[2],
+                                                  const uint32_t (&qf)[8][4], const bf16* K, const __half* V, int key0,
+                                                  int row0, float scale, int col0, MASK mask) {
+  const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  float sc[8][4];
+  mul_x_keys<128, NKEYS>(sc, qf, K);
+  float tmax[2] = {-INFINITY, -INFINITY};
+  #pragma unroll
+  for (int nt = 0; nt < NKEYS / 8; nt++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
+      const float x = mask(kl, row0 + g + 8 * r) ? sc[nt][e] * scale : -INFINITY;
+      sc[nt][e] = x;
+      tmax[r] = fmaxf(tmax[r], x);
+      if (x > best[r]) { best[r] = x; barg[r] = key0 + kl; }  // keys are visited in increasing order
+    }
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const float mnew = fmaxf(m[r], quad_max(tmax[r]));
+    const float muse = mnew == -INFINITY ? 0.0f : mnew;
+    const float corr = exp2f((m[r] - muse) * LOG2E);
+    l[r] *= corr;
+    #pragma unroll
+    for (int nt = 0; nt < 8; nt++) { o[nt][2 * r] *= corr; o[nt][2 * r + 1] *= corr; }
+    m[r] = mnew;
+    #pragma unroll
+    for (int nt = 0; nt < NKEYS / 8; nt++)
+      for (int e = 2 * r; e < 2 * r + 2; e++) {
+        sc[nt][e] = exp2f((sc[nt][e] - muse) * LOG2E);
+        l[r] += sc[nt][e];
+      }
+  }
+  uint32_t pa[4][4];
+  pack_c_to_a<true, 8>(pa, sc);
+  mul_a_tile_half<true, NKEYS / 16>(o, pa, V, Tiles<128>::LDT, col0);
+}
+
+// ---- forward, version 3 ----
+// Per chunk c: (A) warps 0-3 phi_k of chunk c-1, warps 4-7 phi_q of chunk c and its linear denominator
+// phi_q . z; (B) every warp: its 16 d-rows of numL^T = S^T phi_q^T (to the shared fp32 tile), then
+// S^T += V_{c-1}^T phi_k(c-1); (C) warp (row group rg, half hf) the softmax tiles of rows [16 rg, +16) for
+// head-dim columns [64 hf, +64) (plus the sliding masked term); (D) output and the fused stage-1 loss, the
+// two halves' row sums combined through shared memory in a fixed order.
+struct Fwd3Layout {
+  using TL = Tiles<128>;
+  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
+                          WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
+                          SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
+                          LL = Z + NF * 4, RED = LL + 64 * 4, BYTES = RED + 2 * 3 * 64 * 4;
+};
+template <bool SLIDING>
+static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(FastFwdArgs a) {
+  constexpr int D = 128;
+  using TL = Tiles<D>;
+  using LY = Fwd3Layout;
+  constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  __half* sV = (__half*)(smem_raw + LY::V);
+  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  __half* sPK = (__half*)(smem_raw + LY::PK);
+  __half* sPQ = (__half*)(smem_raw + LY::PQ);
+  float* sNum = (float*)(smem_raw + LY::NUM);  // numL (query, d) of the current chunk
+  bf16* sSK = (bf16*)(smem_raw + LY::SK);
+  __half* sSV = (__half*)(smem_raw + LY::SV);
+  float* sZ = (float*)(smem_raw + LY::Z);
+  float* sLL = (float*)(smem_raw + LY::LL);    // phi_q . z per query row
+  float* sRed = (float*)(smem_raw + LY::RED);  // [half][sq, dy.y, dy.numA][64]
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* qb = a.q + row_index(s, b, 0, h) * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
+  auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+  auto load_kv = [&](int c) {
+    load_rows_async_v3<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async_v3<D>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+  };
+
+  load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (s.sinks > 0) {
+    load_rows_async_v3<D>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async_v3<D>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
+  }
+  if (c_begin >= 1) load_kv(c_begin - 1);
+  load_kv(c_begin);
+  load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  cp_async_commit();
+  float st[16][4];  // S^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int f = 8 * j + 2 * t + (e & 1), dr = 16 * warp + g + 8 * (e >> 1);
+        st[j][e] = seg > 0 ? a.segS[(base + f) * D + dr] : 0.0f;
+      }
+    if (tid < NF) sZ[tid] = seg > 0 ? a.segZ[base + tid] : 0.0f;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  if (c_begin >= 1) tile_bf16_to_f16_v3<D>(sV + ((c_begin - 1) & 1) * TL::TILE, LDT, 64);
+  if (s.sinks > 0) tile_bf16_to_f16_v3<D>(sSV, LDT, 16);
+
+  for (int c = c_begin; c < c_end; c++) {
+    const int cur = c & 1, prv = cur ^ 1;
+    const bf16* Kc = sK + cur * TL::TILE;
+    const bf16* Kp = sK + prv * TL::TILE;
+    __half* Vc = sV + cur * TL::TILE;
+    const __half* Vp = sV + prv * TL::TILE;
+    const bool has_prev = c >= 1, has_state = c >= 2;
+    cp_async_wait<0>();
+    __syncthreads();  // Q_c, K_c, V_c are in; the last chunk's readers of sNum, sLL, sRed are done
+
+    // (A) feature maps; V_c to f16 by everyone.
+    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);
+    if (hf == 0) {
+      if (has_prev) {
+        float ph[16][4];
+        feature_map_smem<D>(ph, Kp, row0, sWk);
+        const int j0 = (c - 1) * CHUNK + row0;
+        store_phi<true>(sPK, LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+      }
+    } else {
+      float ph[16][4];
+      feature_map_smem<D>(ph, sQ, row0, sWq);
+      store_phi<true>(sPQ, LDP, row0, ph, true, true);
+      if (has_state) {  // from the f16-rounded features: the values the numerator's products use
+        float l0 = 0.0f, l1 = 0.0f;
+        #pragma unroll
+        for (int j = 0; j < 16; j++) {
+          const float z0 = sZ[8 * j + 2 * t], z1 = sZ[8 * j + 2 * t + 1];
+          l0 += __half2float(__float2half_rn(ph[j][0])) * z0 + __half2float(__float2half_rn(ph[j][1])) * z1;
+          l1 += __half2float(__float2half_rn(ph[j][2])) * z0 + __half2float(__float2half_rn(ph[j][3])) * z1;
+        }
+        l0 = quad_sum(l0);
+        l1 = quad_sum(l1);
+        if (t == 0) { sLL[row0 + g] = l0; sLL[row0 + g + 8] = l1; }
+      }
+    }
+    __syncthreads();  // phi tiles, sLL, V_c (f16)
+
+    // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
+    // after every read of z, which happened in (A)).
+    if (has_state) {
+      float nl[8][4];
+      state_times_tile_t<true>(nl, st, sPQ, LDP);
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
+    }
+    if (has_prev) {
+      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
+      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
+    }
+
+    // (C) the softmax part (sinks as their own tile from chunk 2 on, chunk c-1, the causal part of chunk c)
+    // for head-dim columns [64 hf, +64).
+    const int col0 = 64 * hf;
+    uint32_t yt[2][8];  // the teacher's output for this warp's outputs, in flight during the softmax
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int i = c * CHUNK + row0 + g + 8 * r;
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        yt[r][nt] = (ytb && i < s.T) ? *(const uint32_t*)&ytb[(size_t)i * qstride + col0 + 8 * nt + 2 * t] : 0u;
+    }
+    float o[8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, best[2] = {-INFINITY, -INFINITY};
+    int barg[2] = {0, 0};
+    {
+      uint32_t qf[8][4];
+      #pragma unroll
+      for (int kt = 0; kt < 8; kt++) frag_a(qf[kt], sQ, LDT, row0, 16 * kt);
+      if (s.sinks > 0 && c >= 2)
+        softmax_tile_half<16>(o, m, l, best, barg, qf, sSK, sSV, 0, row0, s.scale, col0, [&](int kl, int) { return kl < s.sinks; });
+      if (has_prev) {
+        const int key0 = (c - 1) * CHUNK;
+        softmax_tile_half<64>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale, col0,
+                              [&](int kl, int rl) { return !SLIDING || kl > rl || key0 + kl < s.sinks; });
+      }
+      softmax_tile_half<64>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, col0, [&](int kl, int rl) { return kl <= rl; });
+    }
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      l[r] = quad_sum(l[r]) * gamma;
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++) { o[nt][2 * r] *= gamma; o[nt][2 * r + 1] *= gamma; }
+      for (int off = 1; off < 4; off <<= 1) {  // arg max over the quad (ties: the earlier key)
+        const float bv = __shfl_xor_sync(0xffffffffu, best[r], off);
+        const int ba = __shfl_xor_sync(0xffffffffu, barg[r], off);
+        if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
+      }
+    }
+    // Sliding: the keys of chunk c-1 at least w behind the query are linear keys (masked quadratic term).
+    float ol[8][4] = {};
+    float lls[2] = {0.0f, 0.0f};
+    if (SLIDING && has_prev) {
+      float bm[8][4] = {};
+      #pragma unroll
+      for (int k = 0; k < 8; k++) {
+        uint32_t pa[4];
+        frag_a(pa, sPQ, LDP, row0, 16 * k);
+        #pragma unroll
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          frag_b_nk(bb, sPK, LDP, 16 * np, 16 * k);
+          mma_f16(bm[2 * np], pa, bb[0], bb[1]);
+          mma_f16(bm[2 * np + 1], pa, bb[2], bb[3]);
+        }
+      }
+      const int key0 = (c - 1) * CHUNK;
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
+          if (!(kl <= rl && key0 + kl >= s.sinks)) bm[nt][e] = 0.0f;
+          lls[e >> 1] += bm[nt][e];
+        }
+      uint32_t pa[4][4];
+      pack_c_to_a<true, 8>(pa, bm);
+      mul_a_tile_half<true>(ol, pa, Vp, LDT, col0);
+      lls[0] = quad_sum(lls[0]);
+      lls[1] = quad_sum(lls[1]);
+    }
+    __syncthreads();  // sNum complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
+    if (c + 1 < c_end) {
+      load_kv(c + 1);
+      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+    }
+    cp_async_commit();
+
+    // (D) output, statistics, the fused stage-1 loss.
+    {
+      float den[2], inv[2], sq[2] = {0, 0}, dyy[2] = {0, 0}, dyA[2] = {0, 0};
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        den[r] = l[r] + (has_state ? sLL[row0 + g + 8 * r] : 0.0f) + lls[r];
+        inv[r] = 1.0f / den[r];
+      }
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int rl = row0 + g + 8 * r, i = c * CHUNK + rl;
+        if (i >= s.T) continue;
+        const size_t ri = row_index(s, b, i, h);
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+          const int col = col0 + 8 * nt + 2 * t;
+          const float2 nl = has_state ? *(const float2*)&sNum[rl * LDN + col] : make_float2(0.0f, 0.0f);
+          const float y0 = (o[nt][2 * r] + nl.x + ol[nt][2 * r]) * inv[r];
+          const float y1 = (o[nt][2 * r + 1] + nl.y + ol[nt][2 * r + 1]) * inv[r];
+          const uint32_t yp = pack_bf16(y0, y1);
+          *(uint32_t*)&a.y[ri * D + col] = yp;
+          if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
+          if (a.y_true) {
+            const uint32_t tv = yt[r][nt];
+            const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
+            sq[r] += e0 * e0 + e1 * e1;
+            const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
+            *(uint32_t*)&a.sv.dy[ri * D + col] = gp;
+            dyy[r] += bf16_lo(gp) * y0 + bf16_hi(gp) * y1;
+            dyA[r] += bf16_lo(gp) * o[nt][2 * r] + bf16_hi(gp) * o[nt][2 * r + 1];
+          }
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int rl = row0 + g + 8 * r, i = c * CHUNK + rl;
+        if (hf == 0 && t == 0 && i < s.T) {
+          const size_t ri = row_index(s, b, i, h);
+          a.sv.row_max[ri] = m[r];
+          a.sv.row_den[ri] = den[r];
+          a.sv.row_argmax[ri] = barg[r];
+        }
+        if (a.y_true) {
+          sq[r] = quad_sum(sq[r]);
+          dyy[r] = quad_sum(dyy[r]);
+          dyA[r] = quad_sum(dyA[r]);
+          if (t == 0) {
+            sRed[(3 * hf + 0) * 64 + rl] = sq[r];
+            sRed[(3 * hf + 1) * 64 + rl] = dyy[r];
+            sRed[(3 * hf + 2) * 64 + rl] = dyA[r];
+          }
+        }
+      }
+      if (a.y_true) {
+        __syncthreads();  // both halves' row sums
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+          const int rl = row0 + g + 8 * r, i = c * CHUNK + rl;
+          if (hf == 0 && t == 0 && i < s.T) {
+            const size_t ri = row_index(s, b, i, h);
+            const float sqs = sRed[0 * 64 + rl] + sRed[3 * 64 + rl];
+            const float yy = sRed[1 * 64 + rl] + sRed[4 * 64 + rl];
+            const float yA = sRed[2 * 64 + rl] + sRed[5 * 64 + rl];
+            a.row_sq[ri] = sqs;
+            a.sv.row_delta[ri] = yy * inv[r];
+            a.sv.row_wgrad[ri] = (yA - yy * l[r]) * inv[r];
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+}
+
+// du = phi+ (dphi+ - phi+.dphi+) - phi- (dphi- - phi-.dphi-) for 64 rows: phi a 16-bit shared tile (row
+// stride LDP), dphi an fp32 shared tile (row stride V3_LDN); 4 threads a row, 16 of the 64 columns each;
+// rows past n_valid are not written. du goes to global rows (row r at out + r * out_stride), bf16.
+template <bool HALF>
+__device__ __forceinline__ void phi_backward_rows_v3(bf16* out, size_t out_stride, const void* Phi, const float* dPhi, int n_valid) {
+  const int row = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const unsigned short* P = (const unsigned short*)Phi + row * Tiles<128>::LDP + 16 * part;
+  const float* G = dPhi + row * V3_LDN + 16 * part;
+  float pp[16], pm[16], gp[16], gm[16];
+  #pragma unroll
+  for (int h8 = 0; h8 < 2; h8++) {
+    const uint4 a = *(const uint4*)(P + 8 * h8), bm = *(const uint4*)(P + 64 + 8 * h8);
+    const uint32_t* wa = (const uint32_t*)&a;
+    const uint32_t* wb = (const uint32_t*)&bm;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+      pp[8 * h8 + 2 * i] = HALF ? f16_lo(wa[i]) : bf16_lo(wa[i]);
+      pp[8 * h8 + 2 * i + 1] = HALF ? f16_hi(wa[i]) : bf16_hi(wa[i]);
+      pm[8 * h8 + 2 * i] = HALF ? f16_lo(wb[i]) : bf16_lo(wb[i]);
+      pm[8 * h8 + 2 * i + 1] = HALF ? f16_hi(wb[i]) : bf16_hi(wb[i]);
+    }
+  }
+  #pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float4 x = *(const float4*)(G + 4 * i), y = *(const float4*)(G + 64 + 4 * i);
+    gp[4 * i] = x.x; gp[4 * i + 1] = x.y; gp[4 * i + 2] = x.z; gp[4 * i + 3] = x.w;
+    gm[4 * i] = y.x; gm[4 * i + 1] = y.y; gm[4 * i + 2] = y.z; gm[4 * i + 3] = y.w;
+  }
+  float sp = 0.0f, sm = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < 16; i++) { sp += pp[i] * gp[i]; sm += pm[i] * gm[i]; }
+  sp = quad_sum(sp);  // the 4 threads of a row are the lanes of one quad
+  sm = quad_sum(sm);
+  if (row < n_valid) {
+    uint32_t w[8];
+    #pragma unroll
+    for (int i = 0; i < 8; i++)
+      w[i] = pack_bf16(pp[2 * i] * (gp[2 * i] - sp) - pm[2 * i] * (gm[2 * i] - sm),
+                       pp[2 * i + 1] * (gp[2 * i + 1] - sp) - pm[2 * i + 1] * (gm[2 * i + 1] - sm));
+    uint4* dst = (uint4*)(out + (size_t)row * out_stride + 16 * part);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+  }
+}
+
+// ---- stage-1 backward, query side, version 3 ----
+// Per chunk c: (A) warps 0-3 phi_k(c-1) (bf16, to shared), warps 4-7 phi_q(c) (f16 to shared, phi_q / den
+// to global for the key side); (B) warp w, owning features [16 w, +16) of S (128 x d) as accumulators:
+// dphi_q^T = S dy^T / den - z delta^T for its features (to the shared fp32 tile), then S += phi_k^T V_{c-1};
+// (C) sliding: the masked keys of chunk c-1, added by row-group warps; then du_q, 4 threads a row.
+struct BwdQ3Layout {
+  using TL = Tiles<128>;
+  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + TL::TILE * 2, DY = V + 2 * TL::TILE * 2,
+                          WQ = DY + 2 * TL::TILE * 2, WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2,
+                          DP = PQ + TL::PT * 2, Z = DP + 64 * V3_LDN * 4, INV = Z + 2 * NF * 4, DEL = INV + 64 * 4,
+                          BYTES = DEL + 64 * 4;
+};
+template <bool SLIDING>
+static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_kernel(FastBwdArgs a) {
+  constexpr int D = 128;
+  using TL = Tiles<D>;
+  using LY = BwdQ3Layout;
+  constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  bf16* sPK = (bf16*)(smem_raw + LY::PK);
+  __half* sPQ = (__half*)(smem_raw + LY::PQ);
+  float* sDP = (float*)(smem_raw + LY::DP);  // dphi_q (query, feature)
+  float* sZ = (float*)(smem_raw + LY::Z);    // [2][128]: z before chunk c (c & 1), and after
+  float* sInv = (float*)(smem_raw + LY::INV);
+  float* sDel = (float*)(smem_raw + LY::DEL);
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* qb = a.q + row_index(s, b, 0, h) * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
+  auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+  // The tiles chunk c reads: Q_c, dy_c (slot c & 1), K_{c-1}, V_{c-1} (slot (c-1) & 1).
+  auto load_for = [&](int c) {
+    load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    load_rows_async_v3<D>(sDY + (c & 1) * TL::TILE, LDT, dyb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    if (c >= 1) {
+      load_rows_async_v3<D>(sK, LDT, kb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
+      load_rows_async_v3<D>(sV + ((c - 1) & 1) * TL::TILE, LDT, vb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
+    }
+  };
+  load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_for(c_begin);
+  cp_async_commit();
+  float st[16][4];  // S: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int f = 16 * warp + g + 8 * r;
+        const float2 v2 = seg > 0 ? *(const float2*)&a.segS[(base + f) * D + 8 * j + 2 * t] : make_float2(0.0f, 0.0f);
+        st[j][2 * r] = v2.x;
+        st[j][2 * r + 1] = v2.y;
+      }
+    if (tid < NF) sZ[(c_begin & 1) * NF + tid] = seg > 0 ? a.segZ[base + tid] : 0.0f;
+  }
+
+  for (int c = c_begin; c < c_end; c++) {
+    const bf16* Vp = sV + ((c - 1) & 1) * TL::TILE;
+    const bf16* DYc = sDY + (c & 1) * TL::TILE;
+    const float* zc = sZ + (c & 1) * NF;
+    float* zn = sZ + ((c + 1) & 1) * NF;
+    const bool has_prev = c >= 1, has_state = c >= 2;
+    const int i0 = c * CHUNK;
+    cp_async_wait<0>();
+    __syncthreads();  // this chunk's tiles are in; the last chunk's readers are done
+
+    // (A) feature maps, per-row statistics
+    if (tid < 64) {
+      const bool ok = i0 + tid < s.T;
+      const size_t ri = row_index(s, b, ok ? i0 + tid : 0, h);
+      sInv[tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
+      sDel[tid] = ok ? a.sv.row_delta[ri] : 0.0f;
+    }
+    if (hf == 0) {
+      if (has_prev) {
+        float ph[16][4];
+        feature_map_smem<D>(ph, sK, row0, sWk);
+        const int j0 = (c - 1) * CHUNK + row0;
+        store_phi<false>(sPK, LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+      }
+    } else {
+      float ph[16][4];
+      feature_map_smem<D>(ph, sQ, row0, sWq);
+      store_phi<true>(sPQ, LDP, row0, ph, true, true);
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int i = i0 + row0 + g + 8 * r;
+        if (i < s.T) {
+          const size_t ri = row_index(s, b, i, h);
+          const float inv = 1.0f / a.sv.row_den[ri];
+          uint32_t* dst = (uint32_t*)(a.phiq_out + ri * NF);
+          #pragma unroll
+          for (int j = 0; j < 16; j++) dst[4 * j + t] = pack_bf16(ph[j][2 * r] * inv, ph[j][2 * r + 1] * inv);
+        }
+      }
+    }
+    __syncthreads();  // phi tiles, sInv, sDel; Q_c and K_{c-1} no longer read: fetch for chunk c+1
+    if (c + 1 < c_end) load_for(c + 1);
+    cp_async_commit();
+
+    // (B) dphi_q^T for this warp's features, then the state update with chunk c-1.
+    {
+      float dpt[8][4];
+      if (has_state) {
+        state_times_tile_t<false>(dpt, st, DYc, LDT);
+      } else {
+        #pragma unroll
+        for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+      }
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int qr = 8 * n + 2 * t + (e & 1), f = 16 * warp + g + 8 * (e >> 1);
+          sDP[qr * LDN + f] = has_state ? dpt[n][e] * sInv[qr] - sDel[qr] * zc[f] : 0.0f;
+        }
+    }
+    if (has_prev) state_accumulate<false>(st, sPK, LDP, 16 * warp, Vp, LDT);
+    if (tid < NF) {
+      zn[tid] = zc[tid];
+      if (has_prev) column_sum_update<false>(zn, sPK, LDP, nullptr);
+    }
+    __syncthreads();  // sDP complete
+
+    // (C) sliding: the linear keys of chunk c-1 (at least w behind): dphi += ((dy V^T) / den - delta) phi_k,
+    // rows of row group rg, features [64 hf, +64).
+    if (SLIDING && has_prev) {
+      uint32_t da[4][4];
+      {
+        uint32_t dyf[8][4];
+        #pragma unroll
+        for (int kt = 0; kt < 8; kt++) frag_a(dyf[kt], DYc, LDT, row0, 16 * kt);
+        float dp[8][4];
+        mul_x_keys<D>(dp, dyf, Vp);
+        const int key0 = (c - 1) * CHUNK;
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kl = 8 * nt + 2 * t + (e & 1), rl = row0 + g + 8 * (e >> 1);
+            dp[nt][e] = (kl <= rl && key0 + kl >= s.sinks) ? dp[nt][e] * sInv[rl] - sDel[rl] : 0.0f;
+          }
+        pack_c_to_a<false, 8>(da, dp);
+      }
+      float acc[8][4] = {};
+      mul_a_tile_half<false>(acc, da, sPK, LDP, 64 * hf);
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDP[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
+      __syncthreads();
+    }
+    phi_backward_rows_v3<true>(a.du_q + row_index(s, b, i0, h) * 64, (size_t)s.H * 64, sPQ, sDP, rows_in(c));
+  }
+  cp_async_wait<0>();
+}
+
+// ---- stage-1 backward, key side, version 3 ----
+// Walks the key chunks backwards with R = sum over query chunks >= c+2 of (phi_q / den)^T dy (warp w owns
+// features [16 w, +16) as accumulators) and r = sum phi_q delta (shared, double-buffered). Per key chunk c:
+// (A) warps 0-3 phi_k(c) (bf16, sinks and rows past T zeroed); (B) dphi_k^T = R V^T - r for the warp's
+// features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1; (C) sliding term, du_k.
+struct BwdK3Layout {
+  using TL = Tiles<128>;
+  static constexpr size_t K = 0, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
+                          WK = DY + 2 * TL::TILE * 2, PK = WK + TL::WT * 2, DP = PK + TL::PT * 2,
+                          RV = DP + 64 * V3_LDN * 4, DD = RV + 2 * NF * 4, BYTES = DD + 2 * 64 * 4;
+};
+template <bool SLIDING>
+static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_kernel(FastBwdArgs a) {
+  constexpr int D = 128;
+  using TL = Tiles<D>;
+  using LY = BwdK3Layout;
+  constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sPQ = (bf16*)(smem_raw + LY::PQ);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  bf16* sPK = (bf16*)(smem_raw + LY::PK);
+  float* sDP = (float*)(smem_raw + LY::DP);  // dphi_k (key, feature)
+  float* sRv = (float*)(smem_raw + LY::RV);  // [2][128] r, double-buffered by chunk parity
+  float* sDD = (float*)(smem_raw + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
+  const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
+  auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
+  auto load_iter = [&](int c) {  // K_c, V_c, and phi_q / den, dy, delta * den of query chunk c+1 (if any)
+    const int sl = c & 1;
+    load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async_v3<D>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
+    const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;  // no query chunk: all zeros, from a valid address
+    load_rows_async_v3<NF>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async_v3<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+    if (tid < 64) {
+      const bool ok = tid < nq;
+      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
+      sDD[sl * 64 + tid] = ok ? a.sv.row_delta[ri] * a.sv.row_den[ri] : 0.0f;
+    }
+  };
+  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_iter(c_end - 1);
+  cp_async_commit();
+  float st[16][4];  // R: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    const bool last = seg == (int)gridDim.x - 1;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int f = 16 * warp + g + 8 * r;
+        const float2 v2 = last ? make_float2(0.0f, 0.0f) : *(const float2*)&a.segR[(base + f) * D + 8 * j + 2 * t];
+        st[j][2 * r] = v2.x;
+        st[j][2 * r + 1] = v2.y;
+      }
+    if (tid < NF) sRv[((c_end - 1) & 1) * NF + tid] = last ? 0.0f : a.segRz[base + tid];
+  }
+
+  for (int c = c_end - 1; c >= c_begin; c--) {
+    const int sl = c & 1;
+    const bf16* Kc = sK + sl * TL::TILE;
+    const bf16* Vc = sV + sl * TL::TILE;
+    const bf16* PQc = sPQ + sl * TL::PT;
+    const bf16* DYc = sDY + sl * TL::TILE;
+    const float* dd = sDD + sl * 64;
+    const float* rc = sRv + sl * NF;
+    float* rn = sRv + (sl ^ 1) * NF;
+    const int j0 = c * CHUNK;
+    const bool has_q = c + 1 < s.NC, has_state = c + 2 < s.NC;
+    cp_async_wait<0>();
+    __syncthreads();  // this chunk's tiles are in; the last chunk's readers are done
+    if (c - 1 >= c_begin) load_iter(c - 1);
+    cp_async_commit();
+
+    // (A) phi_k of this chunk (row groups, warps 0-3)
+    if (hf == 0) {
+      float ph[16][4];
+      feature_map_smem<D>(ph, Kc, row0, sWk);
+      const int jr = j0 + row0 + g;
+      store_phi<false>(sPK, LDP, row0, ph, jr >= s.sinks && jr < s.T, jr + 8 >= s.sinks && jr + 8 < s.T);
+    }
+    // (B) dphi_k^T = R V^T - r for this warp's features, then R, r take query chunk c+1.
+    {
+      float dpt[8][4];
+      if (has_state) {
+        state_times_tile_t<false>(dpt, st, Vc, LDT);
+      } else {
+        #pragma unroll
+        for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+      }
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int kr = 8 * n + 2 * t + (e & 1), f = 16 * warp + g + 8 * (e >> 1);
+          sDP[kr * LDN + f] = has_state ? dpt[n][e] - rc[f] : 0.0f;
+        }
+    }
+    if (has_q) state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
+    if (tid < NF) {
+      rn[tid] = rc[tid];
+      if (has_q) column_sum_update<false>(rn, PQc, LDP, dd);
+    }
+    __syncthreads();  // sPK, sDP complete
+
+    // (C) sliding: the queries of chunk c+1 at least w ahead (kl <= ql) see these keys linearly:
+    // dphi_k += ((V dy^T) - delta den) . (phi_q / den), key rows of row group rg, features [64 hf, +64).
+    if (SLIDING && has_q) {
+      uint32_t da[4][4];
+      {
+        float dpt[8][4];
+        mul_x_keys_smem<D>(dpt, Vc, row0, DYc);  // dP^T = V dy^T
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1);
+            dpt[nt][e] = kl <= ql ? dpt[nt][e] - dd[ql] : 0.0f;
+          }
+        pack_c_to_a<false, 8>(da, dpt);
+      }
+      float acc[8][4] = {};
+      mul_a_tile_half<false>(acc, da, PQc, LDP, 64 * hf);
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDP[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
+      __syncthreads();
+    }
+    phi_backward_rows_v3<false>(a.du_k + row_index(s, b, j0, h) * 64, (size_t)s.H * 64, sPK, sDP, rows_in(c));
+  }
+  cp_async_wait<0>();
+}
+
 // ---- workspace layout --------------------------------------------------------------------------
 struct Workspace {
   float *phiq, *phik, *St, *zt;  // generic path: (B,T,H,2f) x2, per-chunk states (B,H,NC,2f,d), (B,H,NC,2f)
@@ -2457,6 +3244,8 @@ inline void mark(const char* stage, cudaStream_t stream) {
 }
 
 // ---- fast path host side ----
+// Version 3 (8 warps, register state) serves d = 128 unless version 2 is asked for.
+inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
                               const HybridAttnSaved& saved, float* segS, float* segZ, cudaStream_t stream) {
@@ -2499,8 +3288,19 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
   const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
   FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, segS, segZ, saved, ws.row_sq,
                  loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
-  set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
-  fast_forward_kernel<D><<<dim3(num_segments(p), p.H, p.B), 128, FwdLayout<D>::BYTES, stream>>>(fa);
+  const dim3 grid(num_segments(p), p.H, p.B);
+  if (uses_v3(p)) {
+    if (p.geometry == HYBRID_SLIDING) {
+      set_max_smem(fast_forward_v3_kernel<true>, Fwd3Layout::BYTES);
+      fast_forward_v3_kernel<true><<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
+    } else {
+      set_max_smem(fast_forward_v3_kernel<false>, Fwd3Layout::BYTES);
+      fast_forward_v3_kernel<false><<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
+    }
+  } else {
+    set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
+    fast_forward_kernel<D><<<grid, 128, FwdLayout<D>::BYTES, stream>>>(fa);
+  }
   CUDA_LAUNCH_CHECK();
   mark("fwd: main", stream);
 }
@@ -2518,14 +3318,29 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
                  input_grads, s, seg_chunks(p)};
   if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);  // else: the forward's
   mark("bwd: S prefixes", stream);
-  set_max_smem(fast_backward_query_kernel<D>, BwdQLayout<D>::BYTES);
-  fast_backward_query_kernel<D><<<grid, 128, BwdQLayout<D>::BYTES, stream>>>(ba);
+  // Version 3 covers the stage-1 backward (feature-map gradients only); anything more takes version 2.
+  const bool v3 = uses_v3(p) && !ba.want_window && !input_grads;
+  const bool sliding = p.geometry == HYBRID_SLIDING;
+  if (v3) {
+    auto kq = sliding ? fast_backward_query_v3_kernel<true> : fast_backward_query_v3_kernel<false>;
+    set_max_smem(kq, BwdQ3Layout::BYTES);
+    kq<<<grid, V3_THREADS, BwdQ3Layout::BYTES, stream>>>(ba);
+  } else {
+    set_max_smem(fast_backward_query_kernel<D>, BwdQLayout<D>::BYTES);
+    fast_backward_query_kernel<D><<<grid, 128, BwdQLayout<D>::BYTES, stream>>>(ba);
+  }
   CUDA_LAUNCH_CHECK();
   mark("bwd: query side", stream);
   fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
-  set_max_smem(fast_backward_key_kernel<D>, BwdKLayout<D>::BYTES);
-  fast_backward_key_kernel<D><<<grid, 128, BwdKLayout<D>::BYTES, stream>>>(ba);
+  if (v3) {
+    auto kk = sliding ? fast_backward_key_v3_kernel<true> : fast_backward_key_v3_kernel<false>;
+    set_max_smem(kk, BwdK3Layout::BYTES);
+    kk<<<grid, V3_THREADS, BwdK3Layout::BYTES, stream>>>(ba);
+  } else {
+    set_max_smem(fast_backward_key_kernel<D>, BwdKLayout<D>::BYTES);
+    fast_backward_key_kernel<D><<<grid, 128, BwdKLayout<D>::BYTES, stream>>>(ba);
+  }
   CUDA_LAUNCH_CHECK();
   mark("bwd: key side", stream);
   if (input_grads) {
@@ -2573,7 +3388,7 @@ inline void hybrid_check_params(const HybridAttnParams& p) {
   if (p.window != HYBRID_WINDOW) fatal("hybrid attention: window %d not supported (the kernels use %d)", p.window, HYBRID_WINDOW);
   if (p.geometry != HYBRID_TERRACE && p.geometry != HYBRID_SLIDING) fatal("hybrid attention: unknown geometry %d", p.geometry);
   if (p.sinks < 0 || p.sinks > HYBRID_MAX_SINKS) fatal("hybrid attention: %d sinks not in 0..%d", p.sinks, HYBRID_MAX_SINKS);
-  if (p.impl == HYBRID_IMPL_TENSOR && !((p.d == 64 || p.d == 128) && p.f == 64))
+  if ((p.impl == HYBRID_IMPL_TENSOR || p.impl == HYBRID_IMPL_TENSOR_V2) && !((p.d == 64 || p.d == 128) && p.f == 64))
     fatal("hybrid attention: the tensor-core kernels need d = 64 or 128 and f = 64 (got d=%d f=%d)", p.d, p.f);
 }
 

@@ -6,12 +6,16 @@ CPU reference (reference/hybrid_ref.h, fp64) on fresh random inputs, then timed 
   make -C dev hybrid_attention
   dev/build/hybrid_attention            # all versions
   dev/build/hybrid_attention 2          # one version
-  dev/build/hybrid_attention 2 --quick  # T = 1024 and 4096 only
+  dev/build/hybrid_attention 2 3 --quick  # versions 2 and 3, T = 1024 and 4096 only
 
 version 1: plain CUDA-core kernels (HYBRID_IMPL_PLAIN): feature maps and per-chunk states materialised in
            global memory, one warp per query / key row. Simple, linear in T, slow.
-version 2: tensor-core kernels (HYBRID_IMPL_TENSOR): mma.sync bf16/f16/tf32, a thread block walks a segment
-           of 16 chunks keeping the 128 x d state in shared memory; feature maps fused; stage-1 loss fused.
+version 2: tensor-core kernels (HYBRID_IMPL_TENSOR_V2): mma.sync bf16/f16/tf32, a thread block of 4 warps
+           walks a segment of 16 chunks keeping the 128 x d state in shared memory; feature maps fused;
+           stage-1 loss fused.
+version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the stage-1 backward with 8 warps per block and the
+           fp32 state in registers (mma accumulators, 16 state rows a warp); the full backward's window
+           kernels as in version 2.
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv); ms, microseconds per 1K tokens, TFLOP/s of the chunked algorithm's matrix
@@ -24,6 +28,10 @@ work (counted below) and GB/s of the compulsory traffic (inputs read once, outpu
 
 #include "attention.cuh"
 #include "reference/hybrid_ref.h"
+
+HybridImpl impl_of(int version) {
+  return version == 1 ? HYBRID_IMPL_PLAIN : version == 2 ? HYBRID_IMPL_TENSOR_V2 : HYBRID_IMPL_TENSOR;
+}
 
 // ---- problem on the device ----
 struct Problem {
@@ -96,7 +104,7 @@ double rel(const std::vector<float>& a, const std::vector<double>& b) {
 
 bool validate(int version, const HybridAttnParams& base) {
   HybridAttnParams p = base;
-  p.impl = version == 1 ? HYBRID_IMPL_PLAIN : HYBRID_IMPL_TENSOR;
+  p.impl = impl_of(version);
   Problem P(p, 1234 + version * 7 + p.T, true);
   const int group = p.H / p.Hkv;
   // Reference, one (b, h) slice per thread: y, and the gradients for upstream gradient dy.
@@ -203,7 +211,7 @@ void benchmark(int version, int T) {
   HybridAttnParams p;
   p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64;
   p.geometry = HYBRID_TERRACE;
-  p.impl = version == 1 ? HYBRID_IMPL_PLAIN : HYBRID_IMPL_TENSOR;
+  p.impl = impl_of(version);
   Problem P(p, 99, false);
   const int reps = version == 1 ? 2 : 10;
   const float fwd = time_ms([&] { P.forward(false); }, reps);
@@ -242,9 +250,9 @@ void record_stage(const char* stage, cudaStream_t stream) {
   CUDA_CHECK(cudaEventRecord(e, stream));
   g_stages->events.push_back({g_stages->prefix + stage, e});
 }
-void profile_stages(int T) {
+void profile_stages(int version, int T) {
   HybridAttnParams p;
-  p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64; p.impl = HYBRID_IMPL_TENSOR;
+  p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64; p.impl = impl_of(version);
   Problem P(p, 7, false);
   P.forward(true); P.backward_stage1(); P.forward(false); P.backward_full();  // warm-up
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -274,22 +282,27 @@ void profile_stages(int T) {
     for (auto& e : log.events) CUDA_CHECK(cudaEventDestroy(e.second));
   }
   for (size_t i = 0; i < names.size(); i++)
-    printf("v2 T=%-6d B=%d stage %-40s %8.3f ms\n", T, p.B, names[i].c_str(), total[i] / reps);
+    printf("v%d T=%-6d B=%d stage %-40s %8.3f ms\n", version, T, p.B, names[i].c_str(), total[i] / reps);
 }
 
 int main(int argc, char** argv) {
-  int only = 0;
-  bool quick = false;
+  constexpr int NV = 3;  // versions
+  bool want[NV + 1] = {false}, any = false, quick = false;
   for (int i = 1; i < argc; i++) {
     if (std::string(argv[i]) == "--quick") quick = true;
-    else only = atoi(argv[i]);
+    else {
+      const int v = atoi(argv[i]);
+      if (v < 1 || v > NV) fatal("unknown version %s (1..%d)", argv[i], NV);
+      want[v] = any = true;
+    }
   }
+  auto skip = [&](int v) { return any && !want[v]; };
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   bool ok = true;
-  for (int version = 1; version <= 2; version++) {
-    if (only && version != only) continue;
+  for (int version = 1; version <= NV; version++) {
+    if (skip(version)) continue;
     HybridAttnParams p;
     p.B = 1; p.H = 4; p.Hkv = 1; p.d = 128; p.f = 64;
     for (int T : {300, 1024})
@@ -298,16 +311,17 @@ int main(int argc, char** argv) {
         ok = validate(version, p) && ok;
       }
   }
-  for (int version = 1; version <= 2; version++) {
-    if (only && version != only) continue;
+  for (int version = 1; version <= NV; version++) {
+    if (skip(version)) continue;
     for (int T : {1024, 4096, 16384, 32768}) {
       if ((quick || version == 1) && T > 4096) continue;  // the plain kernels: enough to see the gap
       benchmark(version, T);
     }
   }
-  if (!only || only == 2)
-    for (int T : {1024, 4096, 32768})
-      if (!quick || T <= 4096) profile_stages(T);
+  for (int version = 2; version <= NV; version++)
+    if (!skip(version))
+      for (int T : {1024, 4096, 32768})
+        if (!quick || T <= 4096) profile_stages(version, T);
   printf("%s\n", ok ? "all versions valid" : "VALIDATION FAILED");
   return ok ? 0 : 1;
 }

@@ -22,16 +22,19 @@ namespace {
 
 struct Case {
   int B, T, H, Hkv, d, f, geometry, sinks, seg_chunks;
+  int impl = HYBRID_IMPL_AUTO;  // HYBRID_IMPL_TENSOR_V2: the version-2 kernels (d = 128 takes version 3 otherwise)
   HybridAttnParams params() const {
     HybridAttnParams p;
     p.B = B; p.T = T; p.H = H; p.Hkv = Hkv; p.d = d; p.f = f; p.geometry = geometry; p.sinks = sinks;
     p.seg_chunks = seg_chunks;
+    p.impl = impl;
     return p;
   }
   std::string name() const {
     char buf[160];
-    snprintf(buf, sizeof buf, "B=%d T=%d H=%d Hkv=%d d=%d f=%d %s sinks=%d seg=%d", B, T, H, Hkv, d, f,
-             geometry == HYBRID_TERRACE ? "terrace" : "sliding", sinks, seg_chunks);
+    snprintf(buf, sizeof buf, "B=%d T=%d H=%d Hkv=%d d=%d f=%d %s sinks=%d seg=%d%s", B, T, H, Hkv, d, f,
+             geometry == HYBRID_TERRACE ? "terrace" : "sliding", sinks, seg_chunks,
+             impl == HYBRID_IMPL_TENSOR_V2 ? " v2" : "");
     return buf;
   }
   bool has_linear_region() const { return geometry == HYBRID_TERRACE ? T > 128 : T > 64; }
@@ -311,6 +314,18 @@ TEST(HybridGpu, MatchesReferenceT64) { run_cases(product(64, 2, 0), 1000); }
 TEST(HybridGpu, MatchesReferenceT100) { run_cases(product(100, 2, 0), 2000); }
 TEST(HybridGpu, MatchesReferenceT1024) { run_cases(product(1024, 1, 5), 3000); }
 TEST(HybridGpu, MatchesReferenceT4096) { run_cases(product(4096, 1, 0), 4000); }
+
+// d = 128 runs the version-3 kernels above; the version-2 ones stay available (HYBRID_IMPL_TENSOR_V2, the
+// kernel lab's comparison) and must stay correct: the d = 128 cases of T = 1024 on them.
+TEST(HybridGpu, Version2MatchesReferenceT1024) {
+  std::vector<Case> cases;
+  for (Case c : product(1024, 1, 5))
+    if (c.d == 128) {
+      c.impl = HYBRID_IMPL_TENSOR_V2;
+      cases.push_back(c);
+    }
+  run_cases(cases, 7000);
+}
 
 // Shapes off the tensor-core path (d not 64/128, or f < 64) run the plain kernels; same function.
 TEST(HybridGpu, PlainPathMatchesReference) {
