@@ -311,14 +311,25 @@ static __global__ void delta_kernel(float* __restrict__ delta, const bf16* __res
   if (lane == 0) delta[row] = acc / den[row];
 }
 
+// Sums by one block in a fixed order (deterministic), SUM_LANES independent accumulators a thread so that
+// that many loads are in flight: one dependent chain of loads took 0.1 ms for 262K rows (B*T = 8192, H = 32).
+constexpr int SUM_LANES = 8;
+__device__ __forceinline__ float sum_lanes(const float (&acc)[SUM_LANES]) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
 // dw_h += (1 - gamma_h) * sum over (b, t) of row_wgrad; one block per head, fixed order (deterministic).
 static __global__ void window_grad_kernel(float* __restrict__ dw, const float* __restrict__ row_wgrad,
                                    const float* __restrict__ wlogit, int BT, int H) {
   const int h = blockIdx.x;
   __shared__ float partial[32];
-  float acc = 0.0f;
-  for (int r = threadIdx.x; r < BT; r += blockDim.x) acc += row_wgrad[(size_t)r * H + h];
-  acc = warp_sum(acc);
+  float lanes[SUM_LANES] = {};
+  for (int base = 0; base < BT; base += SUM_LANES * blockDim.x)
+    #pragma unroll
+    for (int u = 0; u < SUM_LANES; u++) {
+      const int r = base + u * blockDim.x + threadIdx.x;
+      if (r < BT) lanes[u] += row_wgrad[(size_t)r * H + h];
+    }
+  float acc = warp_sum(sum_lanes(lanes));
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -331,9 +342,14 @@ static __global__ void window_grad_kernel(float* __restrict__ dw, const float* _
 // *out += sum(x[0..n)) * scale, one block, fixed order (deterministic).
 static __global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict__ x, size_t n, float scale) {
   __shared__ float partial[32];
-  float acc = 0.0f;
-  for (size_t i = threadIdx.x; i < n; i += blockDim.x) acc += x[i];
-  acc = warp_sum(acc);
+  float lanes[SUM_LANES] = {};
+  for (size_t base = 0; base < n; base += (size_t)SUM_LANES * blockDim.x)
+    #pragma unroll
+    for (int u = 0; u < SUM_LANES; u++) {
+      const size_t i = base + (size_t)u * blockDim.x + threadIdx.x;
+      if (i < n) lanes[u] += x[i];
+    }
+  float acc = warp_sum(sum_lanes(lanes));
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -1597,13 +1613,15 @@ struct SegSumArgs {
 };
 // 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
 // accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
-// read-modify-write; warps 0-3 compute the feature maps.
+// read-modify-write; warps 0-3 compute the feature maps. The tiles of chunk c+1 load while chunk c computes
+// (double buffers): waiting for each chunk's tiles right after asking for them left these passes at a third
+// of the forward's time.
 constexpr int SEG_THREADS = 256;
 template <int D>
 struct SegLayout {
   using TL = Tiles<D>;
-  static constexpr size_t X = 0, Y = X + TL::PT * 2, W = Y + TL::TILE * 2, PHI = W + TL::WT * 2, Z = PHI + TL::PT * 2,
-                          SC = Z + NF * 4, BYTES = SC + 64 * 4;
+  static constexpr size_t X = 0, Y = X + 2 * TL::PT * 2, W = Y + 2 * TL::TILE * 2, PHI = W + TL::WT * 2,
+                          Z = PHI + TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
 };
 template <int D, bool KEYS>
 static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
@@ -1625,50 +1643,58 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
   if (KEYS) load_rows_async<64>(sW, TL::LDW, a.W + (size_t)h * D * 64, 64, D, D);
   const int c0 = KEYS ? max(0, seg * a.seg_chunks - 1) : seg * a.seg_chunks + 1;
   const int c1 = min(s.NC - 1, KEYS ? (seg + 1) * a.seg_chunks - 2 : (seg + 1) * a.seg_chunks);
-  for (int c = c0; c <= c1; c++) {
+  auto load = [&](int c, int sl) {  // chunk c's tiles into buffer sl (all 256 threads)
     const int nval = min(CHUNK, s.T - c * CHUNK);
-    __syncthreads();
+    bf16* X = sX + sl * TL::PT;
+    bf16* Y = sY + sl * TL::TILE;
     for (int idx = tid; idx < (KEYS ? 2 : 1) * 64 * (D / 8) + (KEYS ? 0 : 64 * (NF / 8)); idx += SEG_THREADS) {
-      // the tile loads, spread over all 256 threads
       if (KEYS) {
         const int which = idx / (64 * (D / 8)), r = idx % (64 * (D / 8)) / (D / 8), cc = idx % (D / 8);
         const bool ok = r < nval;
         const bf16* src = (which == 0 ? a.x : a.y) + kv_index(s, b, c * CHUNK + (ok ? r : 0), hk) * D + cc * 8;
-        cp_async16((which == 0 ? sX : sY) + r * TL::LDT + cc * 8, src, ok);
+        cp_async16((which == 0 ? X : Y) + r * TL::LDT + cc * 8, src, ok);
       } else if (idx < 64 * (NF / 8)) {
         const int r = idx / (NF / 8), cc = idx % (NF / 8);
         const bool ok = r < nval;
-        cp_async16(sX + r * TL::LDP + cc * 8, a.x + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * NF + cc * 8, ok);
+        cp_async16(X + r * TL::LDP + cc * 8, a.x + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * NF + cc * 8, ok);
       } else {
         const int j = idx - 64 * (NF / 8), r = j / (D / 8), cc = j % (D / 8);
         const bool ok = r < nval;
-        cp_async16(sY + r * TL::LDT + cc * 8, a.y + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * D + cc * 8, ok);
+        cp_async16(Y + r * TL::LDT + cc * 8, a.y + row_index(s, b, c * CHUNK + (ok ? r : 0), h) * D + cc * 8, ok);
       }
     }
     if (!KEYS && tid < 64) {
       const int i = c * CHUNK + tid;
-      sSc[tid] = i < s.T ? a.delta[row_index(s, b, i, h)] * a.den[row_index(s, b, i, h)] : 0.0f;
+      sSc[sl * 64 + tid] = i < s.T ? a.delta[row_index(s, b, i, h)] * a.den[row_index(s, b, i, h)] : 0.0f;
     }
-    cp_async_commit();
+  };
+  if (c0 <= c1) load(c0, 0);
+  cp_async_commit();
+  for (int c = c0; c <= c1; c++) {
+    const int sl = (c - c0) & 1;
+    bf16* X = sX + sl * TL::PT;
+    bf16* Y = sY + sl * TL::TILE;
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // chunk c's tiles are in; chunk c-1's readers of the other buffers and sPhi are done
+    if (c + 1 <= c1) load(c + 1, sl ^ 1);
+    cp_async_commit();
     if (KEYS) {
       if (warp < 4) {
         float ph[16][4];
-        feature_map_smem<D>(ph, sX, warp * 16, sW);
+        feature_map_smem<D>(ph, X, warp * 16, sW);
         const int j0 = c * CHUNK + warp * 16;
         store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
       } else {
-        tile_bf16_to_f16<D>(sY, TL::LDT, 64, tid - 128);
+        tile_bf16_to_f16<D>(Y, TL::LDT, 64, tid - 128);
       }
       __syncthreads();
     }
-    const unsigned short* P = (const unsigned short*)(KEYS ? sPhi : (void*)sX);
+    const unsigned short* P = (const unsigned short*)(KEYS ? sPhi : (void*)X);
     if (warp < D / 16) {
       #pragma unroll
       for (int kk = 0; kk < 4; kk++) {
         uint32_t va[4];
-        frag_a_t(va, (const unsigned short*)sY, TL::LDT, 16 * warp, 16 * kk);  // A[col][key] = Y[key][col]
+        frag_a_t(va, (const unsigned short*)Y, TL::LDT, 16 * warp, 16 * kk);  // A[col][key] = Y[key][col]
         #pragma unroll
         for (int np = 0; np < 8; np++) {
           uint32_t bb[4];
@@ -1678,7 +1704,7 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
         }
       }
     }
-    if (tid < NF) column_sum_update<KEYS>(sZ, P, TL::LDP, KEYS ? nullptr : sSc);
+    if (tid < NF) column_sum_update<KEYS>(sZ, P, TL::LDP, KEYS ? nullptr : sSc + sl * 64);
   }
   __syncthreads();
   const size_t base = (((size_t)b * s.H + h) * a.nseg + seg) * NF;
@@ -2547,7 +2573,7 @@ struct Fwd3Layout {
   static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
                           WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
                           SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
-                          LL = Z + NF * 4, RED = LL + 64 * 4, BYTES = RED + 2 * 3 * 64 * 4;
+                          LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4, BYTES = YT + TL::TILE * 2;
 };
 template <bool SLIDING>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(FastFwdArgs a) {
@@ -2573,6 +2599,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   float* sZ = (float*)(smem_raw + LY::Z);
   float* sLL = (float*)(smem_raw + LY::LL);    // phi_q . z per query row
   float* sRed = (float*)(smem_raw + LY::RED);  // [half][sq, dy.y, dy.numA][64]
+  bf16* sYT = (bf16*)(smem_raw + LY::YT);      // the teacher's output for this chunk (stage 1)
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const float gamma = sigmoidf_(a.wlogit[h]);
@@ -2582,10 +2609,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
-  auto load_kv = [&](int c) {
+  auto load_k = [&](int c) {
     load_rows_async_v3<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+  };
+  auto load_v = [&](int c) {
     load_rows_async_v3<D>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
   };
+  auto load_kv = [&](int c) { load_k(c); load_v(c); };
 
   load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
   load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
@@ -2594,8 +2624,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     load_rows_async_v3<D>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
   }
   if (c_begin >= 1) load_kv(c_begin - 1);
-  load_kv(c_begin);
+  load_k(c_begin);
   load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  cp_async_commit();
+  load_v(c_begin);
   cp_async_commit();
   float st[16][4];  // S^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
   {
@@ -2621,11 +2653,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     __half* Vc = sV + cur * TL::TILE;
     const __half* Vp = sV + prv * TL::TILE;
     const bool has_prev = c >= 1, has_state = c >= 2;
-    cp_async_wait<0>();
-    __syncthreads();  // Q_c, K_c, V_c are in; the last chunk's readers of sNum, sLL, sRed are done
+    // Loads: K_c, Q_c were asked for during chunk c-1's softmax part, V_c during its output, y_true_c now.
+    cp_async_wait<1>();  // K_c, Q_c are in (V_c may not be)
+    __syncthreads();     // the last chunk's readers of sNum, sLL, sRed, sYT are done
+    if (a.y_true) load_rows_async_v3<D>(sYT, LDT, ytb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    cp_async_commit();
 
-    // (A) feature maps; V_c to f16 by everyone.
-    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);
+    // (A) feature maps.
     if (hf == 0) {
       if (has_prev) {
         float ph[16][4];
@@ -2650,34 +2684,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         if (t == 0) { sLL[row0 + g] = l0; sLL[row0 + g + 8] = l1; }
       }
     }
-    __syncthreads();  // phi tiles, sLL, V_c (f16)
-
-    // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
-    // after every read of z, which happened in (A)).
-    if (has_state) {
-      float nl[8][4];
-      state_times_tile_t<true>(nl, st, sPQ, LDP);
-      #pragma unroll
-      for (int n = 0; n < 8; n++)
-        #pragma unroll
-        for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
-    }
-    if (has_prev) {
-      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
-      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
-    }
+    cp_async_wait<1>();  // V_c is in (y_true_c may not be)
+    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);  // the pieces this thread loaded (same index map): no barrier needed
+    __syncthreads();     // phi tiles, sLL, V_c in f16
 
     // (C) the softmax part (sinks as their own tile from chunk 2 on, chunk c-1, the causal part of chunk c)
     // for head-dim columns [64 hf, +64).
     const int col0 = 64 * hf;
-    uint32_t yt[2][8];  // the teacher's output for this warp's outputs, in flight during the softmax
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int i = c * CHUNK + row0 + g + 8 * r;
-      #pragma unroll
-      for (int nt = 0; nt < 8; nt++)
-        yt[r][nt] = (ytb && i < s.T) ? *(const uint32_t*)&ytb[(size_t)i * qstride + col0 + 8 * nt + 2 * t] : 0u;
-    }
     float o[8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, best[2] = {-INFINITY, -INFINITY};
     int barg[2] = {0, 0};
@@ -2705,7 +2718,31 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
       }
     }
-    // Sliding: the keys of chunk c-1 at least w behind the query are linear keys (masked quadratic term).
+    __syncthreads();  // K_{c-1} and Q_c are no longer read: fetch K_{c+1}, Q_{c+1}
+    if (c + 1 < c_end) {
+      load_k(c + 1);
+      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+    }
+    cp_async_commit();
+
+    // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
+    // after every read of z, which happened in (A)). After the softmax part so that K_{c+1} and Q_{c+1}
+    // load during it and the output.
+    if (has_state) {
+      float nl[8][4];
+      state_times_tile_t<true>(nl, st, sPQ, LDP);
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
+    }
+    if (has_prev) {
+      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
+      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
+    }
+
+    // Sliding: the keys of chunk c-1 at least w behind the query are linear keys (masked quadratic term);
+    // after (B), where its accumulator is not live alongside the state product's (no spills).
     float ol[8][4] = {};
     float lls[2] = {0.0f, 0.0f};
     if (SLIDING && has_prev) {
@@ -2737,11 +2774,9 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       lls[0] = quad_sum(lls[0]);
       lls[1] = quad_sum(lls[1]);
     }
-    __syncthreads();  // sNum complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
-    if (c + 1 < c_end) {
-      load_kv(c + 1);
-      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
-    }
+    cp_async_wait<1>();  // y_true_c is in (K_{c+1}, Q_{c+1} may not be)
+    __syncthreads();     // sNum and sYT complete; V_{c-1} is no longer read: fetch V_{c+1}
+    if (c + 1 < c_end) load_v(c + 1);
     cp_async_commit();
 
     // (D) output, statistics, the fused stage-1 loss.
@@ -2767,7 +2802,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
           *(uint32_t*)&a.y[ri * D + col] = yp;
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
-            const uint32_t tv = yt[r][nt];
+            const uint32_t tv = *(const uint32_t*)&sYT[rl * LDT + col];
             const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
@@ -3200,7 +3235,7 @@ inline size_t seg_state_floats(const HybridAttnParams& p) {
   const size_t nseg = num_segments(p);
   return (hybrid_uses_fast_path(p) && nseg > 1) ? (size_t)p.B * p.H * nseg * NF * (p.d + 1) : 0;
 }
-constexpr int WG_SPLITS = 4;  // row splits of the fast weight-gradient reduction
+constexpr int WG_SPLITS = 8;  // row splits of the fast weight-gradient reduction (8: 512 blocks at H = 32, ~4 a SM)
 
 inline size_t carve(size_t& off, size_t bytes) {
   const size_t at = off;
