@@ -7,8 +7,12 @@
 // that stage 1 can run the teacher attention and the hybrid attention between them; the CPU oracle of
 // every piece is reference/llama_ref.h.
 #pragma once
+#include <unistd.h>
+
 #include <map>
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 #include "attention.cuh"
 #include "cuda_common.cuh"
@@ -19,56 +23,151 @@
 // cuBLASLt matmul. Row-major thinking: out (N, O) = x (N, I) · W^T with W (O, I) (a linear layer), or
 // variants via the trans flags. cuBLAS is column-major, so we compute out^T = W · x^T.
 
+// One matmul problem's cuBLASLt objects, made on its first call and reused: creating and destroying four
+// descriptors per call (224 calls per 8B forward) is host time the GPU waits for at small shapes.
+struct LtPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+  cublasLtMatmulAlgo_t algo;
+};
+
 struct Blas {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 64ull << 20;
-  // Heuristic results cached per problem: the first call of a shape asks, the rest reuse.
-  std::map<std::tuple<int, int, int, int, int, int, int, int, int, int>, cublasLtMatmulAlgo_t> algos;
-  void init() {
+  // Plans per problem (transposes, sizes, strides, output type, accumulate or not).
+  std::map<std::tuple<int, int, int, int, int, int, int, int, int, int>, LtPlan> plans;
+  // Tuning (off unless init asks): on a problem's first call, time cuBLASLt's first few candidate
+  // algorithms and keep the fastest. The choice is what makes results differ in the last bits, so it is
+  // remembered in `tune_cache` (per GPU model and cuBLASLt version): a later process on this machine, a
+  // --resume for instance, reuses it and computes bit for bit what the first one did.
+  bool tune = false;
+  std::string tune_cache, device_tag;
+  std::map<std::string, int> tuned;  // problem key -> chosen candidate index
+  void init(bool tune_matmuls = false, const std::string& cache_path = "") {
     CUBLAS_CHECK(cublasLtCreate(&lt));
     workspace = cuda_alloc<char>(workspace_bytes);
+    tune = tune_matmuls;
+    tune_cache = cache_path;
+    if (tune) {
+      int dev;
+      cudaDeviceProp prop;
+      CUDA_CHECK(cudaGetDevice(&dev));
+      CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+      device_tag = std::string(prop.name) + "/cublasLt" + std::to_string(cublasLtGetVersion());
+      for (char& c : device_tag)
+        if (c == ' ') c = '_';
+      if (!tune_cache.empty())
+        if (FILE* f = fopen(tune_cache.c_str(), "r")) {  // a missing cache is simply empty
+          char key[512];
+          int idx;
+          while (fscanf(f, "%511s %d", key, &idx) == 2) tuned[key] = idx;
+          fclose(f);
+        }
+    }
+  }
+  // Rewrite the cache (temporary name, then rename: a kill never leaves half a file). Failing to write
+  // it only costs reproducibility across processes, so it warns rather than stops.
+  void save_tuning() {
+    if (tune_cache.empty()) return;
+    const std::string tmp = tune_cache + ".tmp" + std::to_string((long long)getpid());
+    FILE* f = fopen(tmp.c_str(), "w");
+    if (!f) { fprintf(stderr, "warning: cannot write the matmul tuning cache '%s'\n", tmp.c_str()); return; }
+    for (const auto& kv : tuned) fprintf(f, "%s %d\n", kv.first.c_str(), kv.second);
+    if (fclose(f) != 0 || rename(tmp.c_str(), tune_cache.c_str()) != 0)
+      fprintf(stderr, "warning: cannot write the matmul tuning cache '%s'\n", tune_cache.c_str());
   }
   void destroy() {
+    for (auto& kv : plans) {
+      cublasLtMatrixLayoutDestroy(kv.second.la);
+      cublasLtMatrixLayoutDestroy(kv.second.lb);
+      cublasLtMatrixLayoutDestroy(kv.second.lc);
+      cublasLtMatmulDescDestroy(kv.second.op);
+    }
+    plans.clear();
     if (lt) cublasLtDestroy(lt);
     cuda_free(workspace);
     lt = nullptr; workspace = nullptr;
   }
 };
 
+// Time `found` candidate algorithms of a plan on the real inputs (into a scratch output, so an
+// accumulating product leaves C alone) and return the index of the fastest; candidate 0 (the heuristic's
+// first choice) is kept unless another beats it by 2 %, so noise does not decide.
+inline int lt_tune(Blas& blas, const LtPlan& p, const cublasLtMatmulHeuristicResult_t* res, int found, const bf16* A,
+                   const bf16* B, size_t c_bytes, float alpha, float beta, cudaStream_t stream) {
+  void* scratch = cuda_alloc<char>(c_bytes);
+  CUDA_CHECK(cudaMemsetAsync(scratch, 0, c_bytes, stream));
+  GpuTimer timer;
+  int best = 0;
+  float best_ms = 0;
+  for (int c = 0; c < found; c++) {
+    auto run = [&] {
+      CUBLAS_CHECK(cublasLtMatmul(blas.lt, p.op, &alpha, A, p.la, B, p.lb, &beta, scratch, p.lc, scratch, p.lc,
+                                  &res[c].algo, blas.workspace, blas.workspace_bytes, stream));
+    };
+    run();
+    float ms = INFINITY;
+    for (int r = 0; r < 3; r++) {
+      timer.start(stream);
+      run();
+      ms = std::min(ms, timer.stop_ms(stream));
+    }
+    if (c == 0 || ms < best_ms * 0.98f) { best = c; best_ms = ms; }
+  }
+  cuda_free(scratch);
+  return best;
+}
+
 // C (col-major m x n, ldc) = alpha * op(A) op(B) + beta * C. A, B bf16; C of type c_type (bf16 or fp32).
+// The algorithm is fixed per problem at its first call: cuBLASLt's first heuristic choice, or with
+// tuning the fastest of its first candidates (remembered across processes, see Blas).
 inline void lt_matmul(Blas& blas, bool trans_a, bool trans_b, int m, int n, int k, const bf16* A, int lda,
                       const bf16* B, int ldb, void* C, cudaDataType_t c_type, int ldc, float alpha, float beta,
                       cudaStream_t stream) {
-  cublasLtMatmulDesc_t op;
-  cublasLtMatrixLayout_t la, lb, lc;
-  CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, c_type, m, n, ldc));
   auto key = std::make_tuple((int)trans_a, (int)trans_b, m, n, k, lda, ldb, ldc, (int)c_type, beta != 0.f ? 1 : 0);
-  auto it = blas.algos.find(key);
-  if (it == blas.algos.end()) {
+  auto it = blas.plans.find(key);
+  if (it == blas.plans.end()) {
+    LtPlan p;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, c_type, m, n, ldc));
     cublasLtMatmulPreference_t pref;
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                       &blas.workspace_bytes, sizeof blas.workspace_bytes));
-    cublasLtMatmulHeuristicResult_t res;
+    constexpr int MAX_CANDIDATES = 8;
+    cublasLtMatmulHeuristicResult_t res[MAX_CANDIDATES];
     int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(blas.lt, op, la, lb, lc, lc, pref, 1, &res, &found));
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(blas.lt, p.op, p.la, p.lb, p.lc, p.lc, pref,
+                                                blas.tune ? MAX_CANDIDATES : 1, res, &found));
     cublasLtMatmulPreferenceDestroy(pref);
     if (found == 0) fatal("cuBLASLt found no algorithm for a %dx%dx%d matmul", m, n, k);
-    it = blas.algos.emplace(key, res.algo).first;
+    int pick = 0;
+    if (blas.tune && found > 1) {
+      char name[256];
+      snprintf(name, sizeof name, "%s/%d,%d,%d,%d,%d,%d,%d,%d,%d,%d", blas.device_tag.c_str(), (int)trans_a,
+               (int)trans_b, m, n, k, lda, ldb, ldc, (int)c_type, beta != 0.f ? 1 : 0);
+      auto t = blas.tuned.find(name);
+      if (t != blas.tuned.end() && t->second < found) {
+        pick = t->second;
+      } else {
+        const size_t c_bytes = (size_t)ldc * n * (c_type == CUDA_R_32F ? 4 : 2);
+        pick = lt_tune(blas, p, res, found, A, B, c_bytes, alpha, beta, stream);
+        blas.tuned[name] = pick;
+        blas.save_tuning();
+      }
+    }
+    p.algo = res[pick].algo;
+    it = blas.plans.emplace(key, p).first;
   }
-  CUBLAS_CHECK(cublasLtMatmul(blas.lt, op, &alpha, A, la, B, lb, &beta, C, lc, C, lc, &it->second, blas.workspace,
+  const LtPlan& p = it->second;
+  CUBLAS_CHECK(cublasLtMatmul(blas.lt, p.op, &alpha, A, p.la, B, p.lb, &beta, C, p.lc, C, p.lc, &p.algo, blas.workspace,
                               blas.workspace_bytes, stream));
-  cublasLtMatrixLayoutDestroy(la);
-  cublasLtMatrixLayoutDestroy(lb);
-  cublasLtMatrixLayoutDestroy(lc);
-  cublasLtMatmulDescDestroy(op);
 }
 
 // out (N, O) [+]= x (N, I) · W^T, W (O, I) row-major; ldo = row stride of out (>= O).
@@ -257,13 +356,16 @@ struct LlamaActs {
   bf16* gu;    // (B, T, 2F) gate | up
   bf16* hmlp;  // (B, T, F) silu(gate) * up
   float* fmem = nullptr;
-  float* logits;      // (B*T, vocab_chunk) one vocabulary chunk of logits
+  float* logits;      // (2, B*T, vocab_chunk) two vocabulary chunks of logits: the LM head's matmul fills
+                      // one while the cross-entropy pass reads the other (on `side`)
   float* run_max;     // (B*T) running max over the chunks seen
   float* run_sum;     // (B*T) running sum of exp(logit - run_max)
   float* tgt_logit;   // (B*T) logit of the target token
   float* nll;         // (B*T) per-position negative log-likelihood (0 where no target)
   int* tokens;        // (B, T)
   int* targets;       // (B, T) next token, -1 where there is none or it is masked
+  cudaStream_t side = nullptr;                  // the cross-entropy passes of the LM head
+  cudaEvent_t logits_ready[2], logits_free[2], side_done;
 };
 
 inline LlamaActs llama_acts_alloc(const LlamaModel& m, int B, int T, int vocab_chunk = 16384) {
@@ -282,22 +384,36 @@ inline LlamaActs llama_acts_alloc(const LlamaModel& m, int B, int T, int vocab_c
   a.att = p; p += N * Q;
   a.gu = p; p += N * 2 * F;
   a.hmlp = p; p += N * F;
-  a.fmem = cuda_alloc<float>(N * D + N * a.vocab_chunk + 4 * N);
+  a.fmem = cuda_alloc<float>(N * D + 2 * N * a.vocab_chunk + 4 * N);
   a.x = a.fmem;
   a.logits = a.x + N * D;
-  a.run_max = a.logits + N * a.vocab_chunk;
+  a.run_max = a.logits + 2 * N * a.vocab_chunk;
   a.run_sum = a.run_max + N;
   a.tgt_logit = a.run_sum + N;
   a.nll = a.tgt_logit + N;
   a.tokens = cuda_alloc<int>(2 * N);
   a.targets = a.tokens + N;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&a.side, cudaStreamNonBlocking));
+  for (int i = 0; i < 2; i++) {
+    CUDA_CHECK(cudaEventCreateWithFlags(&a.logits_ready[i], cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&a.logits_free[i], cudaEventDisableTiming));
+  }
+  CUDA_CHECK(cudaEventCreateWithFlags(&a.side_done, cudaEventDisableTiming));
   return a;
 }
 inline void llama_acts_free(LlamaActs& a) {
   cuda_free(a.memory);
   cuda_free(a.fmem);
   cuda_free(a.tokens);
-  a.memory = nullptr; a.fmem = nullptr; a.tokens = nullptr;
+  if (a.side) {
+    for (int i = 0; i < 2; i++) {
+      CUDA_CHECK(cudaEventDestroy(a.logits_ready[i]));
+      CUDA_CHECK(cudaEventDestroy(a.logits_free[i]));
+    }
+    CUDA_CHECK(cudaEventDestroy(a.side_done));
+    CUDA_CHECK(cudaStreamDestroy(a.side));
+  }
+  a.memory = nullptr; a.fmem = nullptr; a.tokens = nullptr; a.side = nullptr;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -318,110 +434,152 @@ static __global__ void embedding_kernel(float* __restrict__ x, const int* __rest
   }
 }
 
-// out (N, D) bf16 = x * rsqrt(mean(x^2) + eps) * w, x fp32. One warp per row, 8 elements per access.
+// out (N, D) bf16 = x * rsqrt(mean(x^2) + eps) * w, x fp32. One block per row; each thread holds G groups
+// of 8 consecutive elements in registers, so x is read from memory once.
+template <int G>
 static __global__ void rmsnorm_kernel(bf16* __restrict__ out, const float* __restrict__ x, const bf16* __restrict__ w,
-                                      int N, int D, float eps) {
-  const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.x * warps + threadIdx.x / 32;
-  if (row >= N) return;
-  const float* xr = x + (size_t)row * D;
-  bf16* outr = out + (size_t)row * D;
+                                      int D, float eps) {
+  const size_t row = blockIdx.x;
+  const float* xr = x + row * D;
+  float v[G][8];
   float ss = 0.f;
-  for (int c = lane * 8; c < D; c += 32 * 8) {
-    const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
-    ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    const int c = (g * blockDim.x + threadIdx.x) * 8;
+    if (c < D) {
+      const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
+      v[g][0] = a.x; v[g][1] = a.y; v[g][2] = a.z; v[g][3] = a.w; v[g][4] = b.x; v[g][5] = b.y; v[g][6] = b.z; v[g][7] = b.w;
+#pragma unroll
+      for (int e = 0; e < 8; e++) ss += v[g][e] * v[g][e];
+    }
   }
+  __shared__ float red[32];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int i = 0; i < blockDim.x / 32; i++) ss += red[i];  // every thread, same order: same r everywhere
   const float r = rsqrtf(ss / D + eps);
-  for (int c = lane * 8; c < D; c += 32 * 8) {
-    const float4 a = *reinterpret_cast<const float4*>(xr + c), b = *reinterpret_cast<const float4*>(xr + c + 4);
-    const float e[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    int4 wpack = *reinterpret_cast<const int4*>(w + c), opack;
-    const bf16* we = reinterpret_cast<const bf16*>(&wpack);
-    bf16* oe = reinterpret_cast<bf16*>(&opack);
 #pragma unroll
-    for (int j = 0; j < 8; j++) oe[j] = __float2bfloat16(e[j] * r * __bfloat162float(we[j]));
-    *reinterpret_cast<int4*>(outr + c) = opack;
+  for (int g = 0; g < G; g++) {
+    const int c = (g * blockDim.x + threadIdx.x) * 8;
+    if (c < D) {
+      int4 wpack = *reinterpret_cast<const int4*>(w + c), opack;
+      const bf16* we = reinterpret_cast<const bf16*>(&wpack);
+      bf16* oe = reinterpret_cast<bf16*>(&opack);
+#pragma unroll
+      for (int e = 0; e < 8; e++) oe[e] = __float2bfloat16(v[g][e] * r * __bfloat162float(we[e]));
+      *reinterpret_cast<int4*>(out + row * D + c) = opack;
+    }
   }
 }
 
 // Split the fused projection qkv (B, T, Q + 2 KV) into q (B, T, H, hd), k, v (B, T, Hkv, hd), applying
-// rotate-half RoPE to q and k. One thread per rotation pair (or per v element pair).
+// rotate-half RoPE to q and k. Grid (N, .): one token per blockIdx.x; a thread takes VEC consecutive
+// rotation pairs (p .. p+VEC-1 with their partners p+half ..), so loads and stores are VEC wide.
+template <int VEC>
 static __global__ void rope_split_kernel(bf16* __restrict__ q, bf16* __restrict__ k, bf16* __restrict__ v,
-                                  const bf16* __restrict__ qkv, const float* __restrict__ cos_t,
-                                  const float* __restrict__ sin_t, int N, int T, int H, int Hkv, int hd) {
-  const int half = hd / 2, heads = H + 2 * Hkv, row_len = heads * hd;
-  const long long total = (long long)N * heads * half;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-    const int p = (int)(i % half);
-    const int head = (int)((i / half) % heads);
-    const int n = (int)(i / ((long long)half * heads));
-    const int t = n % T;
-    const bf16* src = qkv + (size_t)n * row_len + (size_t)head * hd;
-    float a = __bfloat162float(src[p]), b = __bfloat162float(src[p + half]);
-    bf16* dst;
-    if (head < H) {
-      dst = q + ((size_t)n * H + head) * hd;
-    } else if (head < H + Hkv) {
-      dst = k + ((size_t)n * Hkv + (head - H)) * hd;
-    } else {
-      dst = v + ((size_t)n * Hkv + (head - H - Hkv)) * hd;
-      dst[p] = src[p];
-      dst[p + half] = src[p + half];
-      continue;
+                                         const bf16* __restrict__ qkv, const float* __restrict__ cos_t,
+                                         const float* __restrict__ sin_t, int T, int H, int Hkv, int hd) {
+  using Pack = typename std::conditional<VEC == 4, uint2, bf16>::type;  // VEC bf16
+  const int half = hd / 2, heads = H + 2 * Hkv, groups = half / VEC;
+  const int n = blockIdx.x, t = n % T;
+  const int j = blockIdx.y * blockDim.x + threadIdx.x;
+  if (j >= heads * groups) return;
+  const int head = j / groups, p = (j % groups) * VEC;
+  const bf16* src = qkv + (size_t)n * heads * hd + (size_t)head * hd;
+  Pack lo = *reinterpret_cast<const Pack*>(src + p), hi = *reinterpret_cast<const Pack*>(src + p + half);
+  bf16* dst;
+  if (head < H) dst = q + ((size_t)n * H + head) * hd;
+  else if (head < H + Hkv) dst = k + ((size_t)n * Hkv + (head - H)) * hd;
+  else dst = v + ((size_t)n * Hkv + (head - H - Hkv)) * hd;
+  if (head < H + Hkv) {
+    bf16* a = reinterpret_cast<bf16*>(&lo);
+    bf16* b = reinterpret_cast<bf16*>(&hi);
+    const float* c = cos_t + (size_t)t * half + p;
+    const float* s = sin_t + (size_t)t * half + p;
+#pragma unroll
+    for (int e = 0; e < VEC; e++) {
+      const float x = __bfloat162float(a[e]), y = __bfloat162float(b[e]);
+      a[e] = __float2bfloat16(x * c[e] - y * s[e]);
+      b[e] = __float2bfloat16(y * c[e] + x * s[e]);
     }
-    const float c = cos_t[(size_t)t * half + p], s = sin_t[(size_t)t * half + p];
-    dst[p] = __float2bfloat16(a * c - b * s);
-    dst[p + half] = __float2bfloat16(b * c + a * s);
   }
+  *reinterpret_cast<Pack*>(dst + p) = lo;
+  *reinterpret_cast<Pack*>(dst + p + half) = hi;
 }
 
-// hmlp (N, F) = silu(gate) * up from gu (N, 2F).
-static __global__ void swiglu_kernel(bf16* __restrict__ hmlp, const bf16* __restrict__ gu, int N, int F) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)N * F;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long n = i / F, c = i % F;
-    const float g = __bfloat162float(gu[n * 2 * F + c]), u = __bfloat162float(gu[n * 2 * F + F + c]);
-    hmlp[i] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+// hmlp (N, F) = silu(gate) * up from gu (N, 2F). Grid (N, .): one row per blockIdx.x, VEC columns a
+// thread (8, i.e. 16-byte loads and stores, when F is a multiple of 8; else 1).
+template <int VEC>
+static __global__ void swiglu_kernel(bf16* __restrict__ hmlp, const bf16* __restrict__ gu, int F) {
+  using Pack = typename std::conditional<VEC == 8, int4, bf16>::type;  // VEC bf16
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  if (c >= F) return;
+  const size_t n = blockIdx.x;
+  const Pack gp = *reinterpret_cast<const Pack*>(gu + n * 2 * F + c);
+  const Pack up = *reinterpret_cast<const Pack*>(gu + n * 2 * F + F + c);
+  const bf16* g = reinterpret_cast<const bf16*>(&gp);
+  const bf16* u = reinterpret_cast<const bf16*>(&up);
+  Pack outp;
+  bf16* o = reinterpret_cast<bf16*>(&outp);
+#pragma unroll
+  for (int e = 0; e < VEC; e++) {
+    const float x = __bfloat162float(g[e]);
+    o[e] = __float2bfloat16(x / (1.f + __expf(-x)) * __bfloat162float(u[e]));
   }
+  *reinterpret_cast<Pack*>(hmlp + n * F + c) = outp;
 }
 
 // One vocabulary chunk [v0, v0 + Vc) of logits (N, Vc): fold it into each row's running max / sum of
-// exponentials (online softmax), and pick up the target logit if the target falls in this chunk.
+// exponentials (online softmax), and pick up the target logit if the target falls in this chunk. One
+// block per row; each thread keeps its own running (max, sum) so the logits are read once, then the
+// block merges the pairs.
+__device__ __forceinline__ void online_lse_add(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * __expf(m - x) + 1.f;  // exp(-inf) = 0 on the first element
+    m = x;
+  } else {
+    s += __expf(x - m);
+  }
+}
+__device__ __forceinline__ void online_lse_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both empty
+  s = s * __expf(m - mn) + s2 * __expf(m2 - mn);
+  m = mn;
+}
 static __global__ void ce_chunk_kernel(const float* __restrict__ logits, int Vc, int v0, const int* __restrict__ targets,
-                                float* run_max, float* run_sum, float* tgt_logit, int first_chunk) {
+                                       float* run_max, float* run_sum, float* tgt_logit, int first_chunk) {
   const int row = blockIdx.x;
   const float* lr = logits + (size_t)row * Vc;
-  __shared__ float red[32];
-  float mx = -INFINITY;
-  for (int i = threadIdx.x; i < Vc; i += blockDim.x) mx = fmaxf(mx, lr[i]);
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mx;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float m2 = threadIdx.x < blockDim.x / 32 ? red[threadIdx.x] : -INFINITY;
-    for (int o = 16; o > 0; o >>= 1) m2 = fmaxf(m2, __shfl_xor_sync(0xffffffff, m2, o));
-    if (threadIdx.x == 0) red[0] = m2;
+  __shared__ float red_m[32], red_s[32];
+  float m = -INFINITY, se = 0.f;
+  if (Vc % 4 == 0) {  // rows 16-byte aligned
+    const float4* l4 = reinterpret_cast<const float4*>(lr);
+    for (int i = threadIdx.x; i < Vc / 4; i += blockDim.x) {
+      const float4 x = l4[i];
+      online_lse_add(m, se, x.x); online_lse_add(m, se, x.y); online_lse_add(m, se, x.z); online_lse_add(m, se, x.w);
+    }
+  } else {
+    for (int i = threadIdx.x; i < Vc; i += blockDim.x) online_lse_add(m, se, lr[i]);
   }
-  __syncthreads();
-  mx = red[0];
-  __syncthreads();
-  float se = 0.f;
-  for (int i = threadIdx.x; i < Vc; i += blockDim.x) se += __expf(lr[i] - mx);
-  for (int o = 16; o > 0; o >>= 1) se += __shfl_xor_sync(0xffffffff, se, o);
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = se;
+  for (int o = 16; o > 0; o >>= 1)
+    online_lse_merge(m, se, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, se, o));
+  if (threadIdx.x % 32 == 0) { red_m[threadIdx.x / 32] = m; red_s[threadIdx.x / 32] = se; }
   __syncthreads();
   if (threadIdx.x == 0) {
-    float total = 0.f;
-    for (int w = 0; w < blockDim.x / 32; w++) total += red[w];
+    m = red_m[0]; se = red_s[0];
+    for (int w = 1; w < blockDim.x / 32; w++) online_lse_merge(m, se, red_m[w], red_s[w]);
     if (first_chunk) {
-      run_max[row] = mx;
-      run_sum[row] = total;
+      run_max[row] = m;
+      run_sum[row] = se;
     } else {
-      const float m_old = run_max[row], m_new = fmaxf(m_old, mx);
-      run_sum[row] = run_sum[row] * __expf(m_old - m_new) + total * __expf(mx - m_new);
-      run_max[row] = m_new;
+      float rm = run_max[row], rs = run_sum[row];
+      online_lse_merge(rm, rs, m, se);
+      run_max[row] = rm;
+      run_sum[row] = rs;
     }
     const int t = targets[row];
     if (t >= v0 && t < v0 + Vc) tgt_logit[row] = lr[t - v0];
@@ -439,7 +597,13 @@ static __global__ void ce_finish_kernel(float* nll, const float* run_max, const 
 
 inline void rmsnorm_forward(bf16* out, const float* x, const bf16* w, int N, int D, float eps, cudaStream_t s) {
   if (D % 8) fatal("hidden size %d is not a multiple of 8", D);
-  rmsnorm_kernel<<<ceil_div(N, 8), 256, 0, s>>>(out, x, w, N, D, eps);
+  if (D > 4 * 8 * 1024) fatal("hidden size %d is larger than the RMSNorm kernel supports (32768)", D);
+  // G groups of 8 per thread: 4 for wide rows (D = 4096 -> 128 threads), fewer threads never below a warp
+  const int G = D >= 4096 ? 4 : D >= 1024 ? 2 : 1;
+  const int threads = std::max(32, ceil_div(ceil_div(D, 8 * G), 32) * 32);
+  if (G == 4) rmsnorm_kernel<4><<<N, threads, 0, s>>>(out, x, w, D, eps);
+  else if (G == 2) rmsnorm_kernel<2><<<N, threads, 0, s>>>(out, x, w, D, eps);
+  else rmsnorm_kernel<1><<<N, threads, 0, s>>>(out, x, w, D, eps);
   CUDA_LAUNCH_CHECK();
 }
 
@@ -451,6 +615,26 @@ inline void llama_embed(const LlamaModel& m, LlamaActs& a, cudaStream_t s) {
   CUDA_LAUNCH_CHECK();
 }
 
+// q, k, v of a.qkv with RoPE (rope_split_kernel).
+inline void llama_rope_split(const LlamaModel& m, LlamaActs& a, cudaStream_t s) {
+  const int N = a.B * a.T, H = m.h.n_heads, Hkv = m.h.n_kv_heads, hd = m.h.head_dim, heads = H + 2 * Hkv;
+  if ((hd / 2) % 4 == 0) {
+    rope_split_kernel<4><<<dim3(N, ceil_div(heads * hd / 8, 128)), 128, 0, s>>>(a.q, a.k, a.v, a.qkv, m.rope_cos,
+                                                                                m.rope_sin, a.T, H, Hkv, hd);
+  } else {
+    rope_split_kernel<1><<<dim3(N, ceil_div(heads * hd / 2, 128)), 128, 0, s>>>(a.q, a.k, a.v, a.qkv, m.rope_cos,
+                                                                                m.rope_sin, a.T, H, Hkv, hd);
+  }
+  CUDA_LAUNCH_CHECK();
+}
+
+// a.hmlp = silu(gate) * up of a.gu (swiglu_kernel).
+inline void llama_swiglu(LlamaActs& a, int F, cudaStream_t s) {
+  if (F % 8 == 0) swiglu_kernel<8><<<dim3(a.B * a.T, ceil_div(F / 8, 128)), 128, 0, s>>>(a.hmlp, a.gu, F);
+  else swiglu_kernel<1><<<dim3(a.B * a.T, ceil_div(F, 128)), 128, 0, s>>>(a.hmlp, a.gu, F);
+  CUDA_LAUNCH_CHECK();
+}
+
 // Layer l up to the attention inputs: xn = norm(x); q, k, v = split(xn · Wqkv^T) with RoPE.
 inline void llama_layer_qkv(Blas& blas, const LlamaModel& m, int l, LlamaActs& a, cudaStream_t s) {
   const int N = a.B * a.T;
@@ -458,10 +642,7 @@ inline void llama_layer_qkv(Blas& blas, const LlamaModel& m, int l, LlamaActs& a
   rmsnorm_forward(a.xn, a.x, L.attn_norm, N, m.D(), m.h.norm_eps, s);
   const int O = m.Q() + 2 * m.KV();
   linear_forward(blas, a.qkv, CUDA_R_16BF, O, a.xn, L.wqkv, N, m.D(), O, false, s);
-  const long long pairs = (long long)N * (m.h.n_heads + 2 * m.h.n_kv_heads) * (m.h.head_dim / 2);
-  rope_split_kernel<<<std::min(ceil_div(pairs, 256), 65535 * 4), 256, 0, s>>>(
-      a.q, a.k, a.v, a.qkv, m.rope_cos, m.rope_sin, N, a.T, m.h.n_heads, m.h.n_kv_heads, m.h.head_dim);
-  CUDA_LAUNCH_CHECK();
+  llama_rope_split(m, a, s);
 }
 
 // Layer l after the attention: x += att · Wo^T; x += down(swiglu(norm(x) · Wgu^T)).
@@ -471,27 +652,36 @@ inline void llama_layer_finish(Blas& blas, const LlamaModel& m, int l, LlamaActs
   linear_forward(blas, a.x, CUDA_R_32F, D, a.att, L.wo, N, m.Q(), D, true, s);
   rmsnorm_forward(a.xn, a.x, L.ffn_norm, N, D, m.h.norm_eps, s);
   linear_forward(blas, a.gu, CUDA_R_16BF, 2 * F, a.xn, L.w_gate_up, N, D, 2 * F, false, s);
-  swiglu_kernel<<<std::min(ceil_div((long long)N * F, 256), 65535 * 4), 256, 0, s>>>(a.hmlp, a.gu, N, F);
-  CUDA_LAUNCH_CHECK();
+  llama_swiglu(a, F, s);
   linear_forward(blas, a.x, CUDA_R_32F, D, a.hmlp, L.w_down, N, F, D, true, s);
 }
 
 // Final norm, LM head and cross-entropy, chunked over the vocabulary: per-position NLL into a.nll.
+// The matmul of chunk i+1 (compute-bound, stream s) overlaps the cross-entropy pass of chunk i
+// (memory-bound, stream a.side) through two logits buffers; the passes run in chunk order on one stream,
+// so the running max / sum are folded in a fixed order. s waits for the side stream at the end.
 // If logits_out is non-null (tests, small models only) every chunk is also copied there as (N, V).
 inline void llama_head_loss(Blas& blas, const LlamaModel& m, LlamaActs& a, cudaStream_t s, float* logits_out = nullptr) {
   const int N = a.B * a.T, D = m.D(), V = m.V();
   rmsnorm_forward(a.xn, a.x, m.final_norm, N, D, m.h.norm_eps, s);
-  for (int v0 = 0; v0 < V; v0 += a.vocab_chunk) {
-    const int Vc = std::min(a.vocab_chunk, V - v0);
-    linear_forward(blas, a.logits, CUDA_R_32F, Vc, a.xn, m.lm_head + (size_t)v0 * D, N, D, Vc, false, s);
-    ce_chunk_kernel<<<N, 256, 0, s>>>(a.logits, Vc, v0, a.targets, a.run_max, a.run_sum, a.tgt_logit, v0 == 0);
+  for (int v0 = 0, i = 0; v0 < V; v0 += a.vocab_chunk, i++) {
+    const int Vc = std::min(a.vocab_chunk, V - v0), buf = i % 2;
+    float* logits = a.logits + (size_t)buf * N * a.vocab_chunk;
+    if (i >= 2) CUDA_CHECK(cudaStreamWaitEvent(s, a.logits_free[buf], 0));  // chunk i-2's pass has read it
+    linear_forward(blas, logits, CUDA_R_32F, Vc, a.xn, m.lm_head + (size_t)v0 * D, N, D, Vc, false, s);
+    CUDA_CHECK(cudaEventRecord(a.logits_ready[buf], s));
+    CUDA_CHECK(cudaStreamWaitEvent(a.side, a.logits_ready[buf], 0));
+    ce_chunk_kernel<<<N, 256, 0, a.side>>>(logits, Vc, v0, a.targets, a.run_max, a.run_sum, a.tgt_logit, v0 == 0);
     CUDA_LAUNCH_CHECK();
     if (logits_out)
-      CUDA_CHECK(cudaMemcpy2DAsync(logits_out + v0, (size_t)V * 4, a.logits, (size_t)Vc * 4, (size_t)Vc * 4, N,
-                                   cudaMemcpyDeviceToDevice, s));
+      CUDA_CHECK(cudaMemcpy2DAsync(logits_out + v0, (size_t)V * 4, logits, (size_t)Vc * 4, (size_t)Vc * 4, N,
+                                   cudaMemcpyDeviceToDevice, a.side));
+    CUDA_CHECK(cudaEventRecord(a.logits_free[buf], a.side));
   }
-  ce_finish_kernel<<<ceil_div(N, 256), 256, 0, s>>>(a.nll, a.run_max, a.run_sum, a.tgt_logit, a.targets, N);
+  ce_finish_kernel<<<ceil_div(N, 256), 256, 0, a.side>>>(a.nll, a.run_max, a.run_sum, a.tgt_logit, a.targets, N);
   CUDA_LAUNCH_CHECK();
+  CUDA_CHECK(cudaEventRecord(a.side_done, a.side));
+  CUDA_CHECK(cudaStreamWaitEvent(s, a.side_done, 0));
 }
 
 // Upload tokens (B, T) and derive next-token targets; target_mask (B, T), optional, marks tokens whose

@@ -1,6 +1,8 @@
 // train_lolcats.cu: the command-line program. Parses options, loads a model (a .bin file or a random
 // preset), and runs one of: stage 1 attention transfer over token shards (the default job),
 // perplexity evaluation (--eval-ppl), or a speed benchmark (--bench).
+#include <sys/stat.h>
+
 #include <chrono>
 #include <memory>
 #include <string>
@@ -42,7 +44,26 @@ struct Options {
   long long max_seqs = -1;
   std::string bench;             // --bench forward|stage1
   int bench_steps = 10;
+  int tune_matmuls = 0;  // off: on the H200 it measured no gain inside the model (BENCHMARKS.md)
 };
+
+// The matmul tuning cache: $LOLCATS_CACHE_DIR/matmul_tuning.txt, else ~/.cache/lolcats/...; "" (no cache,
+// tuning still runs) when neither folder can be made.
+static std::string tuning_cache_path() {
+  std::string dir;
+  if (const char* e = getenv("LOLCATS_CACHE_DIR")) {
+    dir = e;
+  } else if (const char* home = getenv("HOME")) {
+    mkdir((std::string(home) + "/.cache").c_str(), 0755);
+    dir = std::string(home) + "/.cache/lolcats";
+  } else {
+    return "";
+  }
+  mkdir(dir.c_str(), 0755);  // may exist already
+  struct stat st;
+  if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return "";
+  return dir + "/matmul_tuning.txt";
+}
 
 static void print_help() {
   printf(
@@ -84,8 +105,12 @@ static void print_help() {
       "  --eval-ppl FILE     print the perplexity of a token shard: non-overlapping T-token windows\n"
       "  --max-seqs N        at most N windows for --eval-ppl (default all)\n"
       "  --bench forward|stage1   time B x T steps on MODEL (random presets are fine), print tokens/s,\n"
-      "                      TFLOP/s and peak memory\n"
+      "                      TFLOP/s and peak memory (forward: also each piece's time)\n"
       "  --bench-steps N     timed steps for --bench (default 10)\n"
+      "  --tune-matmuls 0|1  time cuBLASLt's candidate algorithms per matmul shape at first use and keep\n"
+      "                      the fastest (default 0); the choices are remembered in\n"
+      "                      $LOLCATS_CACHE_DIR/matmul_tuning.txt (default ~/.cache/lolcats) so later runs,\n"
+      "                      --resume included, compute the same bits\n"
       "  -h, --help          this text\n",
       preset_names());
 }
@@ -148,6 +173,7 @@ static Options parse_options(int argc, char** argv) {
     else if (a == "--max-seqs") o.max_seqs = parse_int(a, v, 1, 1ll << 40);
     else if (a == "--bench") o.bench = v;
     else if (a == "--bench-steps") o.bench_steps = (int)parse_int(a, v, 1, 1 << 20);
+    else if (a == "--tune-matmuls") o.tune_matmuls = (int)parse_int(a, v, 0, 1);
     else fatal("unknown option '%s' (see --help)", a.c_str());
   }
   if (o.model.empty()) fatal("no model given: -m MODEL.bin or a preset (%s)", preset_names());
@@ -220,6 +246,50 @@ static void run_eval_ppl(const Options& o, const LlamaModel& m, Blas& blas) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Where a step's time goes: pieces of one layer timed alone (10 runs each, on the buffers the benchmark
+// just used, so the inputs are real), each scaled by how often a step runs it.
+struct TimedPiece {
+  const char* name;
+  double flops;  // per run (0: not a FLOP-bound piece)
+  int times;     // runs per step
+  std::function<void()> fn;
+};
+static void print_breakdown(const char* what, const std::vector<TimedPiece>& pieces, double step_ms) {
+  GpuTimer timer;
+  double total = 0;
+  printf("breakdown of a %s step (ms per run x runs per step):\n", what);
+  for (const TimedPiece& p : pieces) {
+    p.fn();  // warm
+    timer.start();
+    for (int r = 0; r < 10; r++) p.fn();
+    const double ms = timer.stop_ms() / 10;
+    total += ms * p.times;
+    printf("  %-24s %8.3f ms x %-3d = %8.2f ms", p.name, ms, p.times, ms * p.times);
+    if (p.flops > 0) printf("   %6.1f TFLOP/s", p.flops / (ms / 1e3) / 1e12);
+    printf("\n");
+  }
+  printf("  %-24s %36.2f ms of the measured %.2f ms\n", "sum", total, step_ms);
+}
+
+static void print_forward_breakdown(const LlamaModel& m, LlamaActs& a, Blas& blas, double step_ms) {
+  const int N = a.B * a.T, D = m.D(), F = m.F(), O = m.Q() + 2 * m.KV(), L = (int)m.h.n_layers;
+  const LlamaLayerWeights& W = m.layers[0];
+  const double attn_flops = 2.0 * 2.0 * a.B * m.h.n_heads * ((double)a.T * (a.T + 1) / 2) * m.h.head_dim;
+  print_breakdown("forward", {
+      {"rmsnorm", 0, 2 * L, [&] { rmsnorm_forward(a.xn, a.x, W.attn_norm, N, D, m.h.norm_eps, 0); }},
+      {"qkv matmul", 2.0 * N * D * O, L, [&] { linear_forward(blas, a.qkv, CUDA_R_16BF, O, a.xn, W.wqkv, N, D, O, false, 0); }},
+      {"rope+split", 0, L, [&] { llama_rope_split(m, a, 0); }},
+      {"attention", attn_flops, L, [&] { softmax_attention_forward(a.att, nullptr, a.q, a.k, a.v, a.B, a.T, m.h.n_heads,
+                                                                    m.h.n_kv_heads, m.h.head_dim, 0); }},
+      {"o matmul (+= x)", 2.0 * N * m.Q() * D, L, [&] { linear_forward(blas, a.x, CUDA_R_32F, D, a.att, W.wo, N, m.Q(), D, true, 0); }},
+      {"gate|up matmul", 2.0 * N * D * 2 * F, L, [&] { linear_forward(blas, a.gu, CUDA_R_16BF, 2 * F, a.xn, W.w_gate_up, N, D, 2 * F, false, 0); }},
+      {"swiglu", 0, L, [&] { llama_swiglu(a, F, 0); }},
+      {"down matmul (+= x)", 2.0 * N * F * D, L, [&] { linear_forward(blas, a.x, CUDA_R_32F, D, a.hmlp, W.w_down, N, F, D, true, 0); }},
+      {"head + CE (norm incl.)", 2.0 * N * D * m.V(), 1, [&] { llama_head_loss(blas, m, a, 0); }},
+  }, step_ms);
+}
+
+// ------------------------------------------------------------------------------------------------
 // --bench forward: B x T forward passes (loss included), tokens/s, TFLOP/s, peak memory.
 
 static void run_bench_forward(const Options& o, const LlamaModel& m, Blas& blas) {
@@ -248,6 +318,7 @@ static void run_bench_forward(const Options& o, const LlamaModel& m, Blas& blas)
   printf("{\"bench\": \"forward\", \"B\": %d, \"T\": %d, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tflops\": %.2f, "
          "\"peak_gib\": %.3f, \"loss\": %.5f}\n",
          o.B, o.T, med, toks_s, tflops, peak_memory_gib(), loss);
+  print_forward_breakdown(m, a, blas, med);
   llama_acts_free(a);
 }
 
@@ -354,6 +425,22 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
            o.T, med, toks, tflops, peak_memory_gib(), loss);
     printf("{\"bench\": \"stage1\", \"B\": %d, \"T\": %d, \"ms\": %.3f, \"tokens_per_s\": %.1f, \"tflops\": %.2f, "
            "\"peak_gib\": %.3f, \"loss\": %.5f}\n", o.B, o.T, med, toks, tflops, peak_memory_gib(), loss);
+    // The stage-1 pieces of one layer (the frozen model's matmuls and norms are as in --bench forward).
+    const HybridAttnWeights w0 = stage1_weights(s, 0);
+    HybridStage1Loss loss0;
+    loss0.y_true = a.att; loss0.grad_scale = 1.f; loss0.mse = s.layer_mse;
+    HybridAttnGrads g0;
+    g0.dWq = s.opt.grad; g0.dWk = s.opt.grad + s.hdf; g0.dw = s.opt.grad + 2 * s.hdf;
+    const int L = s.L;
+    print_breakdown("stage-1", {
+        {"teacher attention", 0, L, [&] { softmax_attention_forward(a.att, nullptr, a.q, a.k, a.v, a.B, a.T, m.h.n_heads,
+                                                                     m.h.n_kv_heads, m.h.head_dim, st); }},
+        {"hybrid fwd + MSE", 0, L, [&] { hybrid_attention_forward(s.hp, a.q, a.k, a.v, w0, s.y_pred, s.saved, s.workspace,
+                                                                  &loss0, st); }},
+        {"hybrid bwd (maps)", 0, L, [&] { hybrid_attention_backward(s.hp, a.q, a.k, a.v, w0, nullptr, nullptr, s.saved,
+                                                                    s.workspace, g0, st); }},
+        {"AdamW step", 0, 1, [&] { adamw_step(&s.opt, 0.f, 1.f, s.params_bf16, st); }},
+    }, med);
   } else {
     if (train->vocab_size() != (uint32_t)m.V())
       fatal("training shards have vocabulary %u but the model has %d", train->vocab_size(), m.V());
@@ -411,6 +498,14 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
     };
 
     if (o.resume.empty()) evaluate();  // step 0: the identity-initialised maps
+    // Fault injection for scripts/check_nan_stop.sh: LOLCATS_DEBUG_NAN_AT=STEP:LAYER poisons one gradient
+    // of LAYER at STEP with NaN, so the stop below can be exercised on a GPU. Not a user option.
+    long long nan_step = -1;
+    int nan_layer = 0;
+    if (const char* e = getenv("LOLCATS_DEBUG_NAN_AT")) {
+      if (sscanf(e, "%lld:%d", &nan_step, &nan_layer) != 2 || nan_layer < 0 || nan_layer >= s.L)
+        fatal("LOLCATS_DEBUG_NAN_AT='%s' is not STEP:LAYER with 0 <= LAYER < %d", e, s.L);
+    }
     auto t_start = std::chrono::steady_clock::now();
     const long long first_step = s.opt.step;
     while (s.opt.step < total_steps) {
@@ -420,6 +515,8 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
         upload_next(*train);
         stage1_micro_batch(s, blas, m, a, true, st);
       }
+      if (s.opt.step + 1 == nan_step)
+        CUDA_CHECK(cudaMemsetAsync(s.opt.grad + s.per_layer * nan_layer + 1, 0xff, sizeof(float), st));  // NaN
       const std::vector<double> lm = stage1_take_layer_mse(s, o.grad_accum, st);
       for (int l = 0; l < s.L; l++)
         if (!std::isfinite(lm[l]))
@@ -489,7 +586,7 @@ int main(int argc, char** argv) {
   if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) fatal("no CUDA device found");
   LlamaModel m = load_model(o, h, is_file);
   Blas blas;
-  blas.init();
+  blas.init(o.tune_matmuls != 0, o.tune_matmuls ? tuning_cache_path() : "");
   if (!o.eval_ppl.empty()) {
     run_eval_ppl(o, m, blas);
   } else if (o.bench == "forward") {
