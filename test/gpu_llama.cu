@@ -49,9 +49,11 @@ void check_model(const std::string& path, std::vector<int> tokens, int B, int T,
   // bf16 activations (matmul inputs) against fp32 throughout: ~0.2-0.4% per rounding, a few dozen
   // roundings deep, mostly averaging out: the issue's bound is 1e-2 relative on logits, 1e-2 on loss.
   double rel = rel_error(g.logits, ref_logits);
-  // The issue asks 1e-2. The HF fixtures measure 6.5e-3..7.6e-3; the real stories260K (head_dim 8,
-  // sharp trained attention, T = 256) measures 3.0e-2 with bf16 activations while its loss agrees to
-  // 0.009: the bound for it is 5e-2 (max_rel) until the forward keeps more in fp32.
+  // The issue asks 1e-2. The HF fixtures measure 6.5e-3..7.6e-3; the real stories260K (dim 64, head_dim 8)
+  // measures 3.0e-2 while its loss agrees to 0.009. dev/bf16_budget.cu shows that this is what bf16
+  // activations cost on that model, not a kernel error: the CPU oracle with the same bf16 rounding points
+  // gives 3.1e-2 (7.0e-3 on hf_gqa_untied, where the GPU gives 6.5e-3), and each point alone gives
+  // 0.6e-2..1.8e-2. Its bound is therefore 5e-2 (max_rel).
   EXPECT_LE(rel, max_rel) << path;
   EXPECT_NEAR(g.loss, ref_loss, 1e-2) << path;
   printf("  %s: logits rel err %.2e, loss gpu %.5f ref %.5f\n", path.c_str(), rel, g.loss, ref_loss);
