@@ -28,18 +28,36 @@
 // window keys and the unscaled linear term combine exactly. Work per chunk is constant: linear in T; memory
 // is O(T d) plus one 128 x d state per thread block (no T x T buffer anywhere).
 //
-// FORWARD (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a segment of
-// 16 consecutive chunks of one (b, h); warp w owns rows [16w, 16w + 16) of each chunk. S (fp32) and z live in
-// shared memory. Per chunk c: phi_k of chunk c-1 (bf16 mma + softmax, to shared memory), the softmax tiles
-// (q K^T in bf16, probabilities in f16 for p V), phi_q (kept as f16 mma fragments), phi_q S in tf32 mma on
-// the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum phi_k(c-1).
-// K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read the same
-// K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the exclusive scan
-// over segments of each segment's own sum (segment_sum_kernel, all segments in parallel); T <= 1024 is one
-// segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1 loss:
-// the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the window
-// factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
+// KERNEL VERSIONS. Version 3 (d = 128, the Llama shapes; HYBRID_IMPL_TENSOR or AUTO) runs the forward and the
+// stage-1 backward; version 2 runs d = 64, the full backward's query / key / window kernels at every d, and
+// everything under HYBRID_IMPL_TENSOR_V2. Version 2 is described first, version 3 after it.
+//
+// FORWARD, version 2 (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a
+// segment of 16 consecutive chunks of one (b, h); warp w owns rows [16w, 16w + 16) of each chunk. S (fp32) and z
+// live in shared memory (with the K/V tiles ~213 KB at d = 128: one block of 4 warps per SM, which is what left
+// it latency-bound and led to version 3). Per chunk c: phi_k of chunk c-1 (bf16 mma + softmax, to shared memory),
+// the softmax tiles (q K^T in bf16, probabilities in f16 for p V), phi_q (kept as f16 mma fragments), phi_q S in
+// tf32 mma on the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum
+// phi_k(c-1). K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read
+// the same K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the
+// exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel); T <=
+// 1024 is one segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
+// loss: the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the
+// window factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
 // revisits the softmax part.
+//
+// FORWARD, version 3 (fast_forward_v3_kernel, d = 128). Same segments, 8 warps (256 threads). The fp32
+// state lives in REGISTERS: warp w owns rows [16w, 16w + 16) of S^T (d x 128) as mma C fragments (64
+// registers a thread), so S^T += V_{c-1}^T phi_k(c-1) is an mma chain into them (f16), and numL^T = S^T
+// phi_q^T uses them as the tf32 A operand: A wants k-columns (t, t+4) where C holds (2t, 2t+1); k is summed
+// over, so logical k (t, t+4) is read as physical feature (2t, 2t+1) from B too (one 16-bit pair load from
+// the row-major phi_q tile; no shuffles). numL^T goes to an fp32 shared tile (query, d). Per chunk: (A) warps
+// 0-3 phi_k(c-1), warps 4-7 phi_q(c) and phi_q . z; (B) every warp its state rows: numL^T, then the update;
+// (C) warp (row group rg = w % 4, half hf = w / 4) the softmax tiles of rows [16 rg, +16) for head-dim columns
+// [64 hf, +64) (both halves form the same scores, so the pair needs no max/sum exchange) and the sliding
+// term; (D) y = (numA + numL) / den and the fused loss, the two halves' row sums combined in a fixed order.
+// z stays in shared memory (read in (A), updated in (B), a barrier apart). 247-252 registers, no spills,
+// 203 KB of shared memory: one block of 8 warps per SM (twice version 2's warps, each with half the work).
 //
 // BACKWARD. With g_i = dy_i / den_i and delta_i = dy_i . y_i / den_i:
 //   dA_ij = dB_ij = g_i . v_j - delta_i; on softmax keys ds_ij = A_ij dA_ij, and since m_i is a real function
@@ -55,14 +73,24 @@
 // fast_backward_key_kernel walks the segment backward with R (its prefixes from a segment-sum pass over
 // phi_q / den and dy): phi_k, dphi_k = V R^T - r (tf32), du_k, and for stage 2 dv = phi_k R, dk = du_k Wk^T.
 // fast_window_kv_kernel (stage 2) is key-centric and stateless: key chunk c against query chunks c and c+1,
-// dk += ds^T q / sqrt(d) (arg-max terms included), dv += A^T g. weight_grad_kernel forms dWq = sum q^T du_q
+// dk += ds^T q / sqrt(d) (arg-max terms included), dv += A^T g.
+// Stage-1 backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
+// the state in registers partitioned by FEATURES (warp w owns rows [16w, +16) of S or R, 128 x d), because
+// dphi_q = g S^T and dphi_k = V R^T contract over d: dphi^T (features x rows) = S dy^T takes S's C fragments
+// as the tf32 A operand with the forward's permutation (B: one bf16 pair from the row-major dy or V tile),
+// goes to an fp32 shared tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise).
+// z (query side) and r (key side) are double-buffered in shared memory. The full backward (dq, dk, dv, the
+// window) stays on version 2: dv = phi_k R contracts over the features, which this partition splits
+// across warps. 180-204 registers, no spills, ~210 KB of shared memory.
+// weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
 // term (and dy in stage 1). Stage 1 is bit-reproducible; stage 2 sums dk/dv over GQA heads with fp32 atomics.
 //
 // PRECISION. bf16 inputs; q K^T and the feature-map products in bf16 mma (exact products); probabilities and
 // features in f16 (11-bit mantissa: bf16 probabilities would cost as much error as storing y in bf16); products
-// with the fp32 state in tf32; accumulation in fp32. Against fp64 on the same bf16 inputs: forward ~1.6e-3
+// with the fp32 state in tf32; accumulation in fp32 (version 3: the same formats and products, other
+// summation orders). Against fp64 on the same bf16 inputs: forward ~1.6e-3
 // (the bf16 output alone is ~1.7e-3 rms), gradients 2e-3 .. 5e-3. Limits: window 64, sinks <= 16, and on the
 // tensor path |v| <= 65504 (V is staged in f16).
 //
@@ -339,6 +367,28 @@ static __global__ void window_grad_kernel(float* __restrict__ dw, const float* _
   }
 }
 
+// partial[blockIdx.x] = the sum of slice blockIdx.x of x[0..n) (gridDim.x equal slices), fixed order: the
+// first of two passes that replace one block's walk over all rows (32 us for 262K rows).
+constexpr int SUM_BLOCKS = 128;
+static __global__ void partial_sum_kernel(float* __restrict__ partial, const float* __restrict__ x, size_t n) {
+  __shared__ float wsum[32];
+  const size_t per = (n + gridDim.x - 1) / gridDim.x, lo = (size_t)blockIdx.x * per, hi = min(n, lo + per);
+  float lanes[SUM_LANES] = {};
+  for (size_t base = lo; base < hi; base += (size_t)SUM_LANES * blockDim.x)
+    #pragma unroll
+    for (int u = 0; u < SUM_LANES; u++) {
+      const size_t i = base + (size_t)u * blockDim.x + threadIdx.x;
+      if (i < hi) lanes[u] += x[i];
+    }
+  const float acc = warp_sum(sum_lanes(lanes));
+  if (threadIdx.x % 32 == 0) wsum[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < (int)blockDim.x / 32; w++) total += wsum[w];
+    partial[blockIdx.x] = total;
+  }
+}
 // *out += sum(x[0..n)) * scale, one block, fixed order (deterministic).
 static __global__ void sum_into_kernel(float* __restrict__ out, const float* __restrict__ x, size_t n, float scale) {
   __shared__ float partial[32];
@@ -2573,7 +2623,7 @@ struct Fwd3Layout {
   static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
                           WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
                           SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
-                          LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4, BYTES = YT + TL::TILE * 2;
+                          LL = Z + NF * 4, RED = LL + 64 * 4, BYTES = RED + 2 * 3 * 64 * 4;
 };
 template <bool SLIDING>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(FastFwdArgs a) {
@@ -2599,7 +2649,6 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   float* sZ = (float*)(smem_raw + LY::Z);
   float* sLL = (float*)(smem_raw + LY::LL);    // phi_q . z per query row
   float* sRed = (float*)(smem_raw + LY::RED);  // [half][sq, dy.y, dy.numA][64]
-  bf16* sYT = (bf16*)(smem_raw + LY::YT);      // the teacher's output for this chunk (stage 1)
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const float gamma = sigmoidf_(a.wlogit[h]);
@@ -2609,13 +2658,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
-  auto load_k = [&](int c) {
+  auto load_kv = [&](int c) {
     load_rows_async_v3<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
-  };
-  auto load_v = [&](int c) {
     load_rows_async_v3<D>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
   };
-  auto load_kv = [&](int c) { load_k(c); load_v(c); };
 
   load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
   load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
@@ -2624,10 +2670,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     load_rows_async_v3<D>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
   }
   if (c_begin >= 1) load_kv(c_begin - 1);
-  load_k(c_begin);
+  load_kv(c_begin);
   load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
-  cp_async_commit();
-  load_v(c_begin);
   cp_async_commit();
   float st[16][4];  // S^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
   {
@@ -2653,13 +2697,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     __half* Vc = sV + cur * TL::TILE;
     const __half* Vp = sV + prv * TL::TILE;
     const bool has_prev = c >= 1, has_state = c >= 2;
-    // Loads: K_c, Q_c were asked for during chunk c-1's softmax part, V_c during its output, y_true_c now.
-    cp_async_wait<1>();  // K_c, Q_c are in (V_c may not be)
-    __syncthreads();     // the last chunk's readers of sNum, sLL, sRed, sYT are done
-    if (a.y_true) load_rows_async_v3<D>(sYT, LDT, ytb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
-    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();  // Q_c, K_c, V_c are in; the last chunk's readers of sNum, sLL, sRed are done
 
-    // (A) feature maps.
+    // (A) feature maps; V_c to f16 by everyone.
+    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);
     if (hf == 0) {
       if (has_prev) {
         float ph[16][4];
@@ -2684,13 +2726,34 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         if (t == 0) { sLL[row0 + g] = l0; sLL[row0 + g + 8] = l1; }
       }
     }
-    cp_async_wait<1>();  // V_c is in (y_true_c may not be)
-    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);  // the pieces this thread loaded (same index map): no barrier needed
-    __syncthreads();     // phi tiles, sLL, V_c in f16
+    __syncthreads();  // phi tiles, sLL, V_c (f16)
+
+    // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
+    // after every read of z, which happened in (A)).
+    if (has_state) {
+      float nl[8][4];
+      state_times_tile_t<true>(nl, st, sPQ, LDP);
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
+    }
+    if (has_prev) {
+      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
+      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
+    }
 
     // (C) the softmax part (sinks as their own tile from chunk 2 on, chunk c-1, the causal part of chunk c)
     // for head-dim columns [64 hf, +64).
     const int col0 = 64 * hf;
+    uint32_t yt[2][8];  // the teacher's output for this warp's outputs, in flight during the softmax
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int i = c * CHUNK + row0 + g + 8 * r;
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        yt[r][nt] = (ytb && i < s.T) ? *(const uint32_t*)&ytb[(size_t)i * qstride + col0 + 8 * nt + 2 * t] : 0u;
+    }
     float o[8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, best[2] = {-INFINITY, -INFINITY};
     int barg[2] = {0, 0};
@@ -2718,31 +2781,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
       }
     }
-    __syncthreads();  // K_{c-1} and Q_c are no longer read: fetch K_{c+1}, Q_{c+1}
-    if (c + 1 < c_end) {
-      load_k(c + 1);
-      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
-    }
-    cp_async_commit();
-
-    // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
-    // after every read of z, which happened in (A)). After the softmax part so that K_{c+1} and Q_{c+1}
-    // load during it and the output.
-    if (has_state) {
-      float nl[8][4];
-      state_times_tile_t<true>(nl, st, sPQ, LDP);
-      #pragma unroll
-      for (int n = 0; n < 8; n++)
-        #pragma unroll
-        for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
-    }
-    if (has_prev) {
-      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
-      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
-    }
-
-    // Sliding: the keys of chunk c-1 at least w behind the query are linear keys (masked quadratic term);
-    // after (B), where its accumulator is not live alongside the state product's (no spills).
+    // Sliding: the keys of chunk c-1 at least w behind the query are linear keys (masked quadratic term).
     float ol[8][4] = {};
     float lls[2] = {0.0f, 0.0f};
     if (SLIDING && has_prev) {
@@ -2774,9 +2813,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       lls[0] = quad_sum(lls[0]);
       lls[1] = quad_sum(lls[1]);
     }
-    cp_async_wait<1>();  // y_true_c is in (K_{c+1}, Q_{c+1} may not be)
-    __syncthreads();     // sNum and sYT complete; V_{c-1} is no longer read: fetch V_{c+1}
-    if (c + 1 < c_end) load_v(c + 1);
+    __syncthreads();  // sNum complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
+    if (c + 1 < c_end) {
+      load_kv(c + 1);
+      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+    }
     cp_async_commit();
 
     // (D) output, statistics, the fused stage-1 loss.
@@ -2802,7 +2843,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
           *(uint32_t*)&a.y[ri * D + col] = yp;
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
-            const uint32_t tv = *(const uint32_t*)&sYT[rl * LDT + col];
+            const uint32_t tv = yt[r][nt];
             const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
@@ -3227,6 +3268,7 @@ struct Workspace {
   float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
   float* dW_part;                // fast path: (2, WG_SPLITS, H, d, f)
   bf16* phiq_bf;                 // fast path: (B,T,H,128) phi_q / den, query side -> key side
+  float* sum_part;               // (SUM_BLOCKS) partial sums of the stage-1 loss
 };
 inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
 inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
@@ -3235,7 +3277,7 @@ inline size_t seg_state_floats(const HybridAttnParams& p) {
   const size_t nseg = num_segments(p);
   return (hybrid_uses_fast_path(p) && nseg > 1) ? (size_t)p.B * p.H * nseg * NF * (p.d + 1) : 0;
 }
-constexpr int WG_SPLITS = 8;  // row splits of the fast weight-gradient reduction (8: 512 blocks at H = 32, ~4 a SM)
+constexpr int WG_SPLITS = 4;  // row splits of the fast weight-gradient reduction (8 measured slower)
 
 inline size_t carve(size_t& off, size_t bytes) {
   const size_t at = off;
@@ -3263,6 +3305,7 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
     w.phiq_bf = (bf16*)take(rows * 128 * 2);
   }
   w.row_sq = (float*)take(rows * 4);
+  w.sum_part = (float*)take(SUM_BLOCKS * 4);
   w.dm = (float*)take(rows * 4);
   w.du_q = (bf16*)take(rows * p.f * 2);
   w.du_k = (bf16*)take(rows * p.f * 2);
@@ -3487,7 +3530,9 @@ inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, c
     CUDA_LAUNCH_CHECK();
   }
   if (loss) {
-    sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.row_sq, rows, inv_n);
+    partial_sum_kernel<<<SUM_BLOCKS, 256, 0, stream>>>(ws.sum_part, ws.row_sq, rows);
+    CUDA_LAUNCH_CHECK();
+    sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.sum_part, SUM_BLOCKS, inv_n);
     CUDA_LAUNCH_CHECK();
   }
   mark("fwd: loss sum", stream);
