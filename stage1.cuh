@@ -3,6 +3,7 @@
 // backward, the FLOP count, and the checkpoint format. The loop around it (data, schedule, logging,
 // evaluation) is in train_lolcats.cu; the CPU oracle of a micro-batch is reference/stage1_ref.h.
 #pragma once
+#include <functional>
 #include <chrono>
 
 #include "dataloader.h"
@@ -111,8 +112,10 @@ inline void stage1_destroy(Stage1& s) {
 
 // One micro-batch (tokens already in a.tokens): per-layer MSE added into s.layer_mse; with train,
 // feature-map gradients accumulated into s.opt.grad.
+// after_layer (tests) runs after each layer's hybrid attention, while a.q, a.k, a.v and a.att still hold
+// that layer's inputs and teacher output.
 inline void stage1_micro_batch(Stage1& s, Blas& blas, const LlamaModel& m, LlamaActs& a, bool train,
-                               cudaStream_t st) {
+                               cudaStream_t st, const std::function<void(int)>& after_layer = nullptr) {
   llama_embed(m, a, st);
   for (int l = 0; l < s.L; l++) {
     llama_layer_qkv(blas, m, l, a, st);
@@ -129,6 +132,7 @@ inline void stage1_micro_batch(Stage1& s, Blas& blas, const LlamaModel& m, Llama
       g.dWq = gl; g.dWk = gl + s.hdf; g.dw = gl + 2 * s.hdf;
       hybrid_attention_backward(s.hp, a.q, a.k, a.v, w, nullptr, nullptr, s.saved, s.workspace, g, st);
     }
+    if (after_layer) after_layer(l);
     if (l + 1 < s.L) llama_layer_finish(blas, m, l, a, st);  // the teacher's output goes on
   }
 }

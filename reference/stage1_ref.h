@@ -36,6 +36,30 @@ struct Stage1RefResult {
   double loss = 0;                // mse_factor * mean over layers
 };
 
+// One layer of stage 1 given its attention inputs: the hybrid attention on q (N, H, d), k, v (N, Hkv, d)
+// with the layer's parameters `pl` (stage1_params_per_layer layout), the MSE against y_true (N, H, d)
+// times `scale`, and, if grad_l is non-null, dloss/dparams ACCUMULATED into grad_l. Returns the MSE.
+// p must carry the full shape (B, T, H, Hkv, d). All in double (the oracle).
+inline double stage1_layer(const HybridDims& p, const float* pl, const std::vector<double>& qd,
+                           const std::vector<double>& kd, const std::vector<double>& vd, const std::vector<double>& yt,
+                           double scale, float* grad_l) {
+  const int H = p.H;
+  const size_t hdf = (size_t)H * p.d * p.f;
+  std::vector<double> Wq(hdf), Wk(hdf), w(H), y(yt.size()), dy(yt.size());
+  for (size_t i = 0; i < hdf; i++) { Wq[i] = pl[i]; Wk[i] = pl[hdf + i]; }
+  for (int i = 0; i < H; i++) w[i] = pl[2 * hdf + i];
+  hybrid_attention_forward(y.data(), qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
+  const double mse = hybrid_stage1_mse(grad_l ? dy.data() : (double*)nullptr, y.data(), yt.data(), y.size(), scale);
+  if (grad_l) {
+    std::vector<double> dWq(hdf, 0.0), dWk(hdf, 0.0), dw(H, 0.0);
+    hybrid_attention_backward<double>(nullptr, nullptr, nullptr, dWq.data(), dWk.data(), dw.data(), dy.data(),
+                                      qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
+    for (size_t i = 0; i < hdf; i++) { grad_l[i] += (float)dWq[i]; grad_l[hdf + i] += (float)dWk[i]; }
+    for (int i = 0; i < H; i++) grad_l[2 * hdf + i] += (float)dw[i];
+  }
+  return mse;
+}
+
 // One micro-batch of stage 1 on tokens (B, T). If grad is non-null it ACCUMULATES (+=) dloss/dparams.
 // All math in double for the hybrid part (the oracle), the frozen model in fp32.
 inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::vector<float>& params, const int* tokens,
@@ -45,40 +69,24 @@ inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::ve
   const int L = h.n_layers, H = h.n_heads, KV = h.n_kv_heads, d = h.head_dim, N = B * T;
   HybridDims p = dims_in;
   p.B = B; p.T = T; p.H = H; p.Hkv = KV; p.d = d;
-  const int f = p.f;
-  const size_t per = stage1_params_per_layer(H, d, f), hdf = (size_t)H * d * f;
+  const size_t per = stage1_params_per_layer(H, d, p.f);
   std::vector<float> x((size_t)N * h.dim), y_true((size_t)N * H * d), cos_t, sin_t;
   rope_tables(h, T, cos_t, sin_t);
   embed_tokens(m, tokens, N, x.data());
   Stage1RefResult r;
   LayerQKV a;
-  std::vector<double> qd, kd, vd, Wq(hdf), Wk(hdf), w(H), y((size_t)N * H * d), yt((size_t)N * H * d), dy(y.size());
-  std::vector<double> dWq(hdf), dWk(hdf), dw(H);
+  std::vector<double> qd, kd, vd, yt;
+  const double scale = mse_factor / L;
   for (int l = 0; l < L; l++) {
     llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a);
     softmax_attention_forward(y_true.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, d);
     qd.assign(a.q.begin(), a.q.end());
     kd.assign(a.k.begin(), a.k.end());
     vd.assign(a.v.begin(), a.v.end());
-    const float* pl = params.data() + per * l;
-    for (size_t i = 0; i < hdf; i++) { Wq[i] = pl[i]; Wk[i] = pl[hdf + i]; }
-    for (int i = 0; i < H; i++) w[i] = pl[2 * hdf + i];
-    hybrid_attention_forward(y.data(), qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
-    for (size_t i = 0; i < yt.size(); i++) yt[i] = y_true[i];
-    const double scale = mse_factor / L;
-    const double mse = hybrid_stage1_mse(grad ? dy.data() : (double*)nullptr, y.data(), yt.data(), y.size(), scale);
+    yt.assign(y_true.begin(), y_true.end());
+    const double mse = stage1_layer(p, params.data() + per * l, qd, kd, vd, yt, scale, grad ? grad->data() + per * l : nullptr);
     r.layer_mse.push_back(mse);
     r.loss += scale * mse;
-    if (grad) {
-      std::fill(dWq.begin(), dWq.end(), 0.0);
-      std::fill(dWk.begin(), dWk.end(), 0.0);
-      std::fill(dw.begin(), dw.end(), 0.0);
-      hybrid_attention_backward<double>(nullptr, nullptr, nullptr, dWq.data(), dWk.data(), dw.data(), dy.data(),
-                                        qd.data(), kd.data(), vd.data(), Wq.data(), Wk.data(), w.data(), p);
-      float* gl = grad->data() + per * l;
-      for (size_t i = 0; i < hdf; i++) { gl[i] += (float)dWq[i]; gl[hdf + i] += (float)dWk[i]; }
-      for (int i = 0; i < H; i++) gl[2 * hdf + i] += (float)dw[i];
-    }
     // The teacher's output goes on: the next layer sees the original model's hidden state.
     if (l + 1 < L) llama_layer_finish(m, l, y_true.data(), x.data(), B, T);
   }
