@@ -31,6 +31,39 @@ struct LtPlan {
   cublasLtMatmulAlgo_t algo;
 };
 
+// Descriptors of C (col-major m x n, ldc, c_type) = op(A) op(B), A and B bf16, fp32 compute.
+inline LtPlan lt_plan_create(bool trans_a, bool trans_b, int m, int n, int k, int lda, int ldb, cudaDataType_t c_type,
+                             int ldc) {
+  LtPlan p;
+  CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, c_type, m, n, ldc));
+  return p;
+}
+inline void lt_plan_destroy(LtPlan& p) {
+  cublasLtMatrixLayoutDestroy(p.la);
+  cublasLtMatrixLayoutDestroy(p.lb);
+  cublasLtMatrixLayoutDestroy(p.lc);
+  cublasLtMatmulDescDestroy(p.op);
+  p = LtPlan();
+}
+// cuBLASLt's heuristic candidates for a plan, best first, within `workspace_bytes`; returns how many.
+inline int lt_candidates(cublasLtHandle_t lt, const LtPlan& p, size_t workspace_bytes,
+                         cublasLtMatmulHeuristicResult_t* res, int max) {
+  cublasLtMatmulPreference_t pref;
+  CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes,
+                                                    sizeof workspace_bytes));
+  int found = 0;
+  CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, p.op, p.la, p.lb, p.lc, p.lc, pref, max, res, &found));
+  cublasLtMatmulPreferenceDestroy(pref);
+  return found;
+}
+
 struct Blas {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
@@ -78,12 +111,7 @@ struct Blas {
       fprintf(stderr, "warning: cannot write the matmul tuning cache '%s'\n", tune_cache.c_str());
   }
   void destroy() {
-    for (auto& kv : plans) {
-      cublasLtMatrixLayoutDestroy(kv.second.la);
-      cublasLtMatrixLayoutDestroy(kv.second.lb);
-      cublasLtMatrixLayoutDestroy(kv.second.lc);
-      cublasLtMatmulDescDestroy(kv.second.op);
-    }
+    for (auto& kv : plans) lt_plan_destroy(kv.second);
     plans.clear();
     if (lt) cublasLtDestroy(lt);
     cuda_free(workspace);
@@ -128,24 +156,10 @@ inline void lt_matmul(Blas& blas, bool trans_a, bool trans_b, int m, int n, int 
   auto key = std::make_tuple((int)trans_a, (int)trans_b, m, n, k, lda, ldb, ldc, (int)c_type, beta != 0.f ? 1 : 0);
   auto it = blas.plans.find(key);
   if (it == blas.plans.end()) {
-    LtPlan p;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.la, CUDA_R_16BF, trans_a ? k : m, trans_a ? m : k, lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lb, CUDA_R_16BF, trans_b ? n : k, trans_b ? k : n, ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.lc, c_type, m, n, ldc));
-    cublasLtMatmulPreference_t pref;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &blas.workspace_bytes, sizeof blas.workspace_bytes));
+    LtPlan p = lt_plan_create(trans_a, trans_b, m, n, k, lda, ldb, c_type, ldc);
     constexpr int MAX_CANDIDATES = 8;
     cublasLtMatmulHeuristicResult_t res[MAX_CANDIDATES];
-    int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(blas.lt, p.op, p.la, p.lb, p.lc, p.lc, pref,
-                                                blas.tune ? MAX_CANDIDATES : 1, res, &found));
-    cublasLtMatmulPreferenceDestroy(pref);
+    const int found = lt_candidates(blas.lt, p, blas.workspace_bytes, res, blas.tune ? MAX_CANDIDATES : 1);
     if (found == 0) fatal("cuBLASLt found no algorithm for a %dx%dx%d matmul", m, n, k);
     int pick = 0;
     if (blas.tune && found > 1) {

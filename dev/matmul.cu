@@ -50,28 +50,15 @@ int main(int argc, char** argv) {
   for (const Shape& s : shapes) {
     const int m = s.out, n = N, k = s.in;
     const float alpha = 1.f, beta = s.accumulate ? 1.f : 0.f;
-    cublasLtMatmulDesc_t op;
-    cublasLtMatrixLayout_t la, lb, lc;
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, k, m, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, n, k));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lc, s.type, m, n, m));
-    cublasLtMatmulPreference_t pref;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &blas.workspace_bytes, sizeof blas.workspace_bytes));
+    LtPlan p = lt_plan_create(true, false, m, n, k, k, k, s.type, m);  // as linear_forward calls lt_matmul
     cublasLtMatmulHeuristicResult_t res[16];
-    int found = 0;
-    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(blas.lt, op, la, lb, lc, lc, pref, 16, res, &found));
+    const int found = lt_candidates(blas.lt, p, blas.workspace_bytes, res, 16);
     const double flops = 2.0 * m * n * k;
     const size_t out_bytes = (size_t)m * n * (s.type == CUDA_R_32F ? 4 : 2);
     printf("%-22s %6d x %5d x %5d:", s.name, n, m, k);
     for (int c = 0; c < found; c++) {
       auto launch = [&] {
-        CUBLAS_CHECK(cublasLtMatmul(blas.lt, op, &alpha, W, la, X, lb, &beta, out, lc, out, lc, &res[c].algo,
+        CUBLAS_CHECK(cublasLtMatmul(blas.lt, p.op, &alpha, W, p.la, X, p.lb, &beta, out, p.lc, out, p.lc, &res[c].algo,
                                     blas.workspace, blas.workspace_bytes, 0));
       };
       CUDA_CHECK(cudaMemset(out, 0, out_bytes));
@@ -108,11 +95,7 @@ int main(int argc, char** argv) {
       if (maxdiff > 1e-2 * maxref) printf("(WRONG %.2g)", maxdiff / maxref);
     }
     printf("\n");
-    cublasLtMatmulPreferenceDestroy(pref);
-    cublasLtMatrixLayoutDestroy(la);
-    cublasLtMatrixLayoutDestroy(lb);
-    cublasLtMatrixLayoutDestroy(lc);
-    cublasLtMatmulDescDestroy(op);
+    lt_plan_destroy(p);
   }
   cuda_free(W); cuda_free(X); cuda_free(out); cuda_free(ref);
   blas.destroy();
