@@ -105,7 +105,7 @@ static void print_help() {
       "  --eval-ppl FILE     print the perplexity of a token shard: non-overlapping T-token windows\n"
       "  --max-seqs N        at most N windows for --eval-ppl (default all)\n"
       "  --bench forward|stage1   time B x T steps on MODEL (random presets are fine), print tokens/s,\n"
-      "                      TFLOP/s and peak memory (forward: also each piece's time)\n"
+      "                      TFLOP/s, peak memory and each piece's time\n"
       "  --bench-steps N     timed steps for --bench (default 10)\n"
       "  --tune-matmuls 0|1  time cuBLASLt's candidate algorithms per matmul shape at first use and keep\n"
       "                      the fastest (default 0); the choices are remembered in\n"
