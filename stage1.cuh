@@ -46,6 +46,7 @@ static_assert(sizeof(Stage1CheckpointHeader) <= 1024, "stage-1 checkpoint header
 struct Stage1Config {
   int feature_dim = 64, window = 64, geometry = HYBRID_TERRACE, sinks = 0;
   double mse_factor = 1000.0;
+  bool overlap = true;  // each layer's hybrid attention on a second stream, beside the next layer's work
   AdamWHyper hyper;
   LrSchedule schedule = lr_schedule_plateau(1e-2);
 };
@@ -65,6 +66,16 @@ struct Stage1 {
   double mse_factor = 1000.0;   // loss = mse_factor * mean over layers of the MSE
   double best_val = INFINITY;
   uint64_t tokens_seen = 0;
+  // Overlap (Stage1Config::overlap). The hybrid attention of layer l only reads that layer's q, k, v and
+  // teacher output and writes the feature-map gradients: nothing downstream waits for it. So it runs on
+  // `side` while the main stream goes on with layer l+1 (o_proj, MLP, projections, teacher), which fills
+  // the SMs that one kernel's tail or launch gap leaves idle. Layer l's inputs must survive layer l+1's
+  // writes: the layers alternate between two sets of q, k, v, att buffers (set 0 is the LlamaActs' own).
+  bool overlap = false;
+  cudaStream_t side = nullptr;
+  bf16* set1 = nullptr;        // q (B, T, H, d) | k, v (B, T, Hkv, d) | att (B, T, H, d): the second set
+  cudaEvent_t start_ev = nullptr, done_ev = nullptr;
+  cudaEvent_t inputs_ready[2] = {nullptr, nullptr}, inputs_free[2] = {nullptr, nullptr};
 };
 
 inline HybridAttnWeights stage1_weights(const Stage1& s, int l) {
@@ -98,6 +109,15 @@ inline Stage1 stage1_create(const Stage1Config& o, const LlamaModel& m, int B, i
   CUDA_CHECK(cudaMemset(s.layer_mse, 0, s.L * sizeof(float)));
   s.sched = o.schedule;
   s.mse_factor = o.mse_factor;
+  s.overlap = o.overlap;
+  if (s.overlap) {
+    const size_t N = (size_t)B * T, q = N * h.n_heads * h.head_dim, kv = N * h.n_kv_heads * h.head_dim;
+    s.set1 = cuda_alloc<bf16>(2 * q + 2 * kv);
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s.side, cudaStreamNonBlocking));
+    for (cudaEvent_t* e : {&s.start_ev, &s.done_ev, &s.inputs_ready[0], &s.inputs_ready[1], &s.inputs_free[0],
+                           &s.inputs_free[1]})
+      CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+  }
   return s;
 }
 
@@ -108,6 +128,12 @@ inline void stage1_destroy(Stage1& s) {
   cuda_free(s.saved_mem);
   cuda_free(s.workspace);
   cuda_free(s.layer_mse);
+  if (s.overlap) {
+    cuda_free(s.set1);
+    for (cudaEvent_t e : {s.start_ev, s.done_ev, s.inputs_ready[0], s.inputs_ready[1], s.inputs_free[0], s.inputs_free[1]})
+      CUDA_CHECK(cudaEventDestroy(e));
+    CUDA_CHECK(cudaStreamDestroy(s.side));
+  }
 }
 
 // One micro-batch (tokens already in a.tokens): per-layer MSE added into s.layer_mse; with train,
@@ -116,24 +142,52 @@ inline void stage1_destroy(Stage1& s) {
 // that layer's inputs and teacher output.
 inline void stage1_micro_batch(Stage1& s, Blas& blas, const LlamaModel& m, LlamaActs& a, bool train,
                                cudaStream_t st, const std::function<void(int)>& after_layer = nullptr) {
+  const size_t N = (size_t)a.B * a.T, nq = N * m.h.n_heads * m.h.head_dim, nkv = N * m.h.n_kv_heads * m.h.head_dim;
+  bf16* const set0[4] = {a.q, a.k, a.v, a.att};
+  bf16* const set1[4] = {s.set1, s.set1 + nq, s.set1 + nq + nkv, s.set1 + nq + 2 * nkv};
+  // The hybrid's stream: it starts after what the main stream did before (parameter upload, zeroed
+  // gradients, reset MSE sums).
+  cudaStream_t hs = s.overlap ? s.side : st;
+  if (s.overlap) {
+    CUDA_CHECK(cudaEventRecord(s.start_ev, st));
+    CUDA_CHECK(cudaStreamWaitEvent(s.side, s.start_ev, 0));
+  }
   llama_embed(m, a, st);
   for (int l = 0; l < s.L; l++) {
+    const int set = s.overlap ? l % 2 : 0;
+    bf16* const* use = set ? set1 : set0;
+    a.q = use[0]; a.k = use[1]; a.v = use[2]; a.att = use[3];
+    // Layer l-2's hybrid read this set: wait for it before overwriting.
+    if (s.overlap && l >= 2) CUDA_CHECK(cudaStreamWaitEvent(st, s.inputs_free[set], 0));
     llama_layer_qkv(blas, m, l, a, st);
     softmax_attention_forward(a.att, nullptr, a.q, a.k, a.v, a.B, a.T, m.h.n_heads, m.h.n_kv_heads, m.h.head_dim, st);
+    if (s.overlap) {
+      CUDA_CHECK(cudaEventRecord(s.inputs_ready[set], st));
+      CUDA_CHECK(cudaStreamWaitEvent(s.side, s.inputs_ready[set], 0));
+    }
     HybridStage1Loss loss;
     loss.y_true = a.att;
     loss.grad_scale = (float)(s.mse_factor / s.L);
     loss.mse = s.layer_mse + l;
     const HybridAttnWeights w = stage1_weights(s, l);
-    hybrid_attention_forward(s.hp, a.q, a.k, a.v, w, s.y_pred, s.saved, s.workspace, &loss, st);
+    hybrid_attention_forward(s.hp, a.q, a.k, a.v, w, s.y_pred, s.saved, s.workspace, &loss, hs);
     if (train) {
       HybridAttnGrads g;
       float* gl = s.opt.grad + s.per_layer * l;
       g.dWq = gl; g.dWk = gl + s.hdf; g.dw = gl + 2 * s.hdf;
-      hybrid_attention_backward(s.hp, a.q, a.k, a.v, w, nullptr, nullptr, s.saved, s.workspace, g, st);
+      hybrid_attention_backward(s.hp, a.q, a.k, a.v, w, nullptr, nullptr, s.saved, s.workspace, g, hs);
     }
-    if (after_layer) after_layer(l);
+    if (s.overlap) CUDA_CHECK(cudaEventRecord(s.inputs_free[set], s.side));
+    if (after_layer) {
+      if (s.overlap) CUDA_CHECK(cudaStreamSynchronize(s.side));
+      after_layer(l);
+    }
     if (l + 1 < s.L) llama_layer_finish(blas, m, l, a, st);  // the teacher's output goes on
+  }
+  a.q = set0[0]; a.k = set0[1]; a.v = set0[2]; a.att = set0[3];
+  if (s.overlap) {  // the main stream's later work (loss read-back, optimizer) sees every layer's gradients
+    CUDA_CHECK(cudaEventRecord(s.done_ev, s.side));
+    CUDA_CHECK(cudaStreamWaitEvent(st, s.done_ev, 0));
   }
 }
 

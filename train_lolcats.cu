@@ -44,6 +44,7 @@ struct Options {
   long long max_seqs = -1;
   std::string bench;             // --bench forward|stage1
   int bench_steps = 10;
+  int overlap = 1;       // stage 1: each layer's hybrid attention on a second stream
   int tune_matmuls = 0;  // off: on the H200 it measured no gain inside the model (BENCHMARKS.md)
 };
 
@@ -97,6 +98,8 @@ static void print_help() {
       "  --sinks N           first N tokens always in the softmax part (default 0)\n"
       "  --feature-dim F     Hedgehog feature dimension f, phi has 2f entries (default 64)\n"
       "  --mse-factor X      stage-1 loss = X * mean over layers of the MSE (default 1000)\n"
+      "  --overlap 0|1       run each layer's hybrid attention on a second stream beside the next layer's\n"
+      "                      frozen-model work (default 1; same results either way, 0 only for timing)\n"
       "checkpoints and logs:\n"
       "  --resume FILE       continue from a stage-1 checkpoint (bit-exact on the same GPU)\n"
       "  --log FILE          JSON-lines log (default OUT/log.jsonl)\n"
@@ -174,6 +177,7 @@ static Options parse_options(int argc, char** argv) {
     else if (a == "--bench") o.bench = v;
     else if (a == "--bench-steps") o.bench_steps = (int)parse_int(a, v, 1, 1 << 20);
     else if (a == "--tune-matmuls") o.tune_matmuls = (int)parse_int(a, v, 0, 1);
+    else if (a == "--overlap") o.overlap = (int)parse_int(a, v, 0, 1);
     else fatal("unknown option '%s' (see --help)", a.c_str());
   }
   if (o.model.empty()) fatal("no model given: -m MODEL.bin or a preset (%s)", preset_names());
@@ -327,6 +331,7 @@ static Stage1Config stage1_config_from(const Options& o) {
   c.feature_dim = o.feature_dim; c.window = o.window; c.sinks = o.sinks;
   c.geometry = o.geometry == "sliding" ? HYBRID_SLIDING : HYBRID_TERRACE;
   c.mse_factor = o.mse_factor;
+  c.overlap = o.overlap != 0;
   c.hyper.beta1 = o.beta1; c.hyper.beta2 = o.beta2; c.hyper.eps = o.adam_eps; c.hyper.weight_decay = o.weight_decay;
   c.hyper.max_grad_norm = o.clip;
   if (o.schedule == "plateau")

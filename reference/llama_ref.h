@@ -3,6 +3,9 @@
 // norm, LM head and next-token cross-entropy. fp32 (or double) plain loops, OpenMP over rows.
 // Every GPU kernel of the forward pass is tested against these functions; the stage-1 reference uses
 // the per-layer pieces (llama_layer_qkv, llama_layer_finish) directly.
+// Optionally (a mask of Bf16Point) the activations are rounded to bf16 where the CUDA forward stores them
+// in bf16: the same math with the GPU's storage precision, for the error budget (dev/bf16_budget.cu) and
+// for comparing whole multi-layer steps, where the frozen model's bf16 drift would otherwise dominate.
 #pragma once
 #include <cmath>
 #include <vector>
@@ -94,6 +97,23 @@ void rope_apply(S* x, int B, int T, int heads, int hd, const float* cos_t, const
 template <typename S>
 inline S silu(S x) { return x / (S(1) + std::exp(-x)); }
 
+// Where the CUDA forward (llama.cuh) stores activations in bf16. The residual stream is fp32 there and
+// here. Not modelled: the attention probabilities the flash kernel rounds inside its tiles.
+enum Bf16Point : unsigned {
+  BF16_XN = 1,       // norm outputs (attention and MLP inputs)
+  BF16_QKV = 2,      // the fused q|k|v projection
+  BF16_ROPE = 4,     // q, k after RoPE (v is copied as is)
+  BF16_ATT = 8,      // the attention output before o_proj
+  BF16_GATE_UP = 16, // the gate|up projection
+  BF16_HMLP = 32,    // silu(gate) * up
+  BF16_FINAL = 64,   // the final norm output (LM head input)
+  BF16_ALL = 127,
+};
+inline void round_bf16_if(std::vector<float>& v, bool on) {
+  if (on)
+    for (float& x : v) x = round_bf16(x);
+}
+
 // Per-layer activations of the reference forward, kept for stage-1 references and debugging.
 struct LayerQKV {
   std::vector<float> xn;     // (B, T, D)  attn_norm(x)
@@ -104,7 +124,7 @@ struct LayerQKV {
 
 // The attention input side of layer l: norm, projections, RoPE.
 inline void llama_layer_qkv(const HostModel& m, int l, const float* x, int B, int T, const std::vector<float>& cos_t,
-                            const std::vector<float>& sin_t, LayerQKV& out) {
+                            const std::vector<float>& sin_t, LayerQKV& out, unsigned bf16_points = 0) {
   const ModelHeader& h = m.h;
   const int N = B * T, D = h.dim, H = h.n_heads, KV = h.n_kv_heads, hd = h.head_dim;
   HostModel::Layer L = m.layer(l);
@@ -113,16 +133,21 @@ inline void llama_layer_qkv(const HostModel& m, int l, const float* x, int B, in
   out.k.resize((size_t)N * KV * hd);
   out.v.resize((size_t)N * KV * hd);
   rmsnorm(out.xn.data(), x, L.attn_norm, N, D, h.norm_eps);
+  round_bf16_if(out.xn, bf16_points & BF16_XN);
   matmul(out.q.data(), out.xn.data(), L.wq, N, D, H * hd);
   matmul(out.k.data(), out.xn.data(), L.wk, N, D, KV * hd);
   matmul(out.v.data(), out.xn.data(), L.wv, N, D, KV * hd);
+  for (auto* t : {&out.q, &out.k, &out.v}) round_bf16_if(*t, bf16_points & BF16_QKV);
   rope_apply(out.q.data(), B, T, H, hd, cos_t.data(), sin_t.data());
   rope_apply(out.k.data(), B, T, KV, hd, cos_t.data(), sin_t.data());
+  for (auto* t : {&out.q, &out.k}) round_bf16_if(*t, bf16_points & BF16_ROPE);
 }
 
 // The rest of layer l given the per-head attention output att (B, T, H, hd): x += o_proj(att);
-// x += down(silu(gate(norm(x))) * up(norm(x))). Updates x (B, T, D) in place.
-inline void llama_layer_finish(const HostModel& m, int l, const float* att, float* x, int B, int T) {
+// x += down(silu(gate(norm(x))) * up(norm(x))). Updates x (B, T, D) in place. (att is taken as given:
+// the caller rounds it for BF16_ATT.)
+inline void llama_layer_finish(const HostModel& m, int l, const float* att, float* x, int B, int T,
+                               unsigned bf16_points = 0) {
   const ModelHeader& h = m.h;
   const int N = B * T, D = h.dim, Q = h.n_heads * h.head_dim, F = h.ffn_dim;
   HostModel::Layer L = m.layer(l);
@@ -130,9 +155,13 @@ inline void llama_layer_finish(const HostModel& m, int l, const float* att, floa
   matmul(tmp.data(), att, L.wo, N, Q, D);
   for (size_t i = 0; i < tmp.size(); i++) x[i] += tmp[i];
   rmsnorm(xn.data(), x, L.ffn_norm, N, D, h.norm_eps);
+  round_bf16_if(xn, bf16_points & BF16_XN);
   matmul(g.data(), xn.data(), L.w_gate, N, D, F);
   matmul(u.data(), xn.data(), L.w_up, N, D, F);
+  round_bf16_if(g, bf16_points & BF16_GATE_UP);
+  round_bf16_if(u, bf16_points & BF16_GATE_UP);
   for (size_t i = 0; i < g.size(); i++) g[i] = silu(g[i]) * u[i];
+  round_bf16_if(g, bf16_points & BF16_HMLP);
   matmul(tmp.data(), g.data(), L.w_down, N, F, D);
   for (size_t i = 0; i < tmp.size(); i++) x[i] += tmp[i];
 }
@@ -146,9 +175,10 @@ inline void embed_tokens(const HostModel& m, const int* tokens, int N, float* x)
 }
 
 // Final norm + LM head: logits (N, V).
-inline void lm_head(const HostModel& m, const float* x, int N, float* logits) {
+inline void lm_head(const HostModel& m, const float* x, int N, float* logits, unsigned bf16_points = 0) {
   std::vector<float> xn((size_t)N * m.h.dim);
   rmsnorm(xn.data(), x, m.fnorm(), N, m.h.dim, m.h.norm_eps);
+  round_bf16_if(xn, bf16_points & BF16_FINAL);
   matmul(logits, xn.data(), m.lm(), N, m.h.dim, m.h.vocab_size);
 }
 
@@ -176,7 +206,8 @@ inline double next_token_loss(const float* logits, const int* tokens, const unsi
 }
 
 // Whole forward: logits (B, T, V) for tokens (B, T). Returns the mean next-token loss.
-inline double llama_forward(const HostModel& m, const int* tokens, int B, int T, std::vector<float>& logits) {
+inline double llama_forward(const HostModel& m, const int* tokens, int B, int T, std::vector<float>& logits,
+                            unsigned bf16_points = 0) {
   const ModelHeader& h = m.h;
   if (T > (int)h.max_seq_len) fatal("sequence length %d exceeds the model's maximum %u", T, h.max_seq_len);
   const int N = B * T;
@@ -185,12 +216,13 @@ inline double llama_forward(const HostModel& m, const int* tokens, int B, int T,
   embed_tokens(m, tokens, N, x.data());
   LayerQKV a;
   for (uint32_t l = 0; l < h.n_layers; l++) {
-    llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a);
+    llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a, bf16_points);
     softmax_attention_forward(att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, h.n_heads, h.n_kv_heads, h.head_dim);
-    llama_layer_finish(m, l, att.data(), x.data(), B, T);
+    round_bf16_if(att, bf16_points & BF16_ATT);
+    llama_layer_finish(m, l, att.data(), x.data(), B, T, bf16_points);
   }
   logits.resize((size_t)N * h.vocab_size);
-  lm_head(m, x.data(), N, logits.data());
+  lm_head(m, x.data(), N, logits.data(), bf16_points);
   return next_token_loss(logits.data(), tokens, nullptr, B, T, h.vocab_size);
 }
 

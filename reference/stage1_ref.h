@@ -31,6 +31,22 @@ inline std::vector<float> stage1_init_params(int L, int H, int d, int f) {
   return p;
 }
 
+// Parameters away from the identity init (tests and error budgets): every entry of the maps moved by
+// 0.3 N(0, 1) and rounded to bf16 (what the kernels read; the window logits stay fp32, as the kernels
+// read them), so every gradient entry is exercised and a comparison sees only the activations' rounding.
+inline std::vector<float> stage1_perturbed_params(int L, int H, int d, int f, uint64_t seed) {
+  std::vector<float> p = stage1_init_params(L, H, d, f);
+  const size_t per = stage1_params_per_layer(H, d, f), hdf = (size_t)H * d * f;
+  Rng rng(seed);
+  for (size_t i = 0; i < p.size(); i++) {
+    const size_t j = i % per;
+    if (j >= 2 * hdf + H) continue;  // layout padding: never read
+    p[i] += (float)(0.3 * rng.normal());
+    if (j < 2 * hdf) p[i] = round_bf16(p[i]);
+  }
+  return p;
+}
+
 struct Stage1RefResult {
   std::vector<double> layer_mse;  // (L) MSE of each layer
   double loss = 0;                // mse_factor * mean over layers
@@ -61,10 +77,12 @@ inline double stage1_layer(const HybridDims& p, const float* pl, const std::vect
 }
 
 // One micro-batch of stage 1 on tokens (B, T). If grad is non-null it ACCUMULATES (+=) dloss/dparams.
-// All math in double for the hybrid part (the oracle), the frozen model in fp32.
+// All math in double for the hybrid part (the oracle), the frozen model in fp32; bf16_points (Bf16Point)
+// rounds the frozen model's activations where the GPU stores them in bf16 (q, k, v and the teacher
+// output included: the hybrid's inputs are then exactly representable in bf16, as on the GPU).
 inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::vector<float>& params, const int* tokens,
                                                int B, int T, const HybridDims& dims_in, double mse_factor,
-                                               std::vector<float>* grad) {
+                                               std::vector<float>* grad, unsigned bf16_points = 0) {
   const ModelHeader& h = m.h;
   const int L = h.n_layers, H = h.n_heads, KV = h.n_kv_heads, d = h.head_dim, N = B * T;
   HybridDims p = dims_in;
@@ -78,8 +96,9 @@ inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::ve
   std::vector<double> qd, kd, vd, yt;
   const double scale = mse_factor / L;
   for (int l = 0; l < L; l++) {
-    llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a);
+    llama_layer_qkv(m, l, x.data(), B, T, cos_t, sin_t, a, bf16_points);
     softmax_attention_forward(y_true.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, d);
+    round_bf16_if(y_true, bf16_points & BF16_ATT);
     qd.assign(a.q.begin(), a.q.end());
     kd.assign(a.k.begin(), a.k.end());
     vd.assign(a.v.begin(), a.v.end());
@@ -88,7 +107,7 @@ inline Stage1RefResult stage1_forward_backward(const HostModel& m, const std::ve
     r.layer_mse.push_back(mse);
     r.loss += scale * mse;
     // The teacher's output goes on: the next layer sees the original model's hidden state.
-    if (l + 1 < L) llama_layer_finish(m, l, y_true.data(), x.data(), B, T);
+    if (l + 1 < L) llama_layer_finish(m, l, y_true.data(), x.data(), B, T, bf16_points);
   }
   return r;
 }

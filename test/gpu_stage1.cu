@@ -23,20 +23,11 @@ void check_stage1_step(const std::string& name, int geometry, int sinks) {
   cfg.geometry = geometry;
   cfg.sinks = sinks;
   Stage1 s = stage1_create(cfg, m, B, T);
-  // Parameters away from the identity init so every gradient entry is exercised, rounded to bf16 for
-  // Wq/Wk (what the kernels read) so the comparison sees only the activations' rounding.
-  std::vector<float> params = ref::stage1_init_params(s.L, m.h.n_heads, m.h.head_dim, cfg.feature_dim);
-  Rng rng(21);
-  for (size_t i = 0; i < params.size(); i++) {
-    const size_t j = i % s.per_layer;
-    const bool is_w = j >= 2 * s.hdf;
-    if (j >= 2 * s.hdf + m.h.n_heads) continue;  // layout padding: never read
-    params[i] += (float)(0.3 * rng.normal());
-    if (!is_w) params[i] = round_bf16(params[i]);
-  }
+  std::vector<float> params = ref::stage1_perturbed_params(s.L, m.h.n_heads, m.h.head_dim, cfg.feature_dim, 21);
   adamw_set_params(&s.opt, params.data());
   adamw_write_bf16(&s.opt, s.params_bf16);
   adamw_zero_grad(&s.opt);
+  Rng rng(22);
   std::vector<int> toks((size_t)B * T);
   for (int& t : toks) t = (int)(rng.next() % m.V());
   CUDA_CHECK(cudaMemcpy(a.tokens, toks.data(), toks.size() * 4, cudaMemcpyHostToDevice));
@@ -59,29 +50,36 @@ void check_stage1_step(const std::string& name, int geometry, int sinks) {
   dims.window = cfg.window;
   dims.geometry = geometry == HYBRID_SLIDING ? ref::HYBRID_REF_SLIDING : ref::HYBRID_REF_TERRACE;
   dims.sinks = sinks;
-  std::vector<float> ref_grad(params.size(), 0.f);
-  ref::Stage1RefResult r = ref::stage1_forward_backward(hm, params, toks.data(), B, T, dims, cfg.mse_factor, &ref_grad);
   const double gpu_loss = stage1_loss_of(gpu_mse, cfg.mse_factor);
-  // bf16 model weights and activations (q, k, v, the teacher output) against fp32/fp64: each layer's
-  // MSE and each gradient tensor to 1e-2 relative, the issue's bound.
-  EXPECT_NEAR(gpu_loss, r.loss, 1e-2 * std::fabs(r.loss)) << name;
-  for (int l = 0; l < s.L; l++) {
-    EXPECT_NEAR(gpu_mse[l], r.layer_mse[l], 1e-2 * r.layer_mse[l]) << name << " layer " << l;
-    const size_t base = s.per_layer * l;
-    const char* tensor[3] = {"dWq", "dWk", "dw"};
-    const size_t begin[3] = {0, s.hdf, 2 * s.hdf}, end[3] = {s.hdf, 2 * s.hdf, s.per_layer};
-    for (int t = 0; t < 3; t++) {
-      std::vector<float> g(gpu_grad.begin() + base + begin[t], gpu_grad.begin() + base + end[t]);
-      std::vector<float> want(ref_grad.begin() + base + begin[t], ref_grad.begin() + base + end[t]);
-      const double rel = rel_error(g, want);
-      // Layer 0 sees the same inputs on both sides up to bf16 rounding: the issue's 1e-2. Deeper layers
-      // get the frozen model's hidden state, computed with bf16 activations on the GPU and fp32 on the
-      // CPU; the feature-map gradients amplify that drift (measured up to 1.4e-2 at layer 2): 2e-2 there.
-      EXPECT_LE(rel, l == 0 ? 1e-2 : 2e-2) << name << " layer " << l << " " << tensor[t];
-      if (l == 0) printf("  %s geometry %d sinks %d layer 0 %s rel err %.2e\n", name.c_str(), geometry, sinks, tensor[t], rel);
+  // The whole step against two oracles. (1) The issue's bound, 1e-2 on the loss, every layer's MSE and
+  // every gradient tensor, against the oracle with the GPU's storage precision: the frozen model's
+  // activations rounded to bf16 where llama.cuh stores them (ref::BF16_ALL). What remains is the
+  // arithmetic (summation orders, the flash kernel's rounded probabilities, the hybrid kernels' f16/tf32
+  // products). (2) The fp32 oracle: layer 0 at 1e-2; deeper layers see a hidden state with the bf16
+  // drift, which the feature-map gradients amplify (measured up to 1.4e-2 at layer 2): 2e-2 there.
+  for (const unsigned points : {(unsigned)ref::BF16_ALL, 0u}) {
+    std::vector<float> ref_grad(params.size(), 0.f);
+    ref::Stage1RefResult r =
+        ref::stage1_forward_backward(hm, params, toks.data(), B, T, dims, cfg.mse_factor, &ref_grad, points);
+    const char* oracle = points ? "bf16-storage oracle" : "fp32 oracle";
+    EXPECT_NEAR(gpu_loss, r.loss, 1e-2 * std::fabs(r.loss)) << name << " " << oracle;
+    double worst = 0;
+    for (int l = 0; l < s.L; l++) {
+      EXPECT_NEAR(gpu_mse[l], r.layer_mse[l], 1e-2 * r.layer_mse[l]) << name << " layer " << l << " " << oracle;
+      const size_t base = s.per_layer * l;
+      const char* tensor[3] = {"dWq", "dWk", "dw"};
+      const size_t begin[3] = {0, s.hdf, 2 * s.hdf}, end[3] = {s.hdf, 2 * s.hdf, s.per_layer};
+      for (int t = 0; t < 3; t++) {
+        std::vector<float> g(gpu_grad.begin() + base + begin[t], gpu_grad.begin() + base + end[t]);
+        std::vector<float> want(ref_grad.begin() + base + begin[t], ref_grad.begin() + base + end[t]);
+        const double rel = rel_error(g, want);
+        worst = std::max(worst, rel);
+        EXPECT_LE(rel, points || l == 0 ? 1e-2 : 2e-2) << name << " layer " << l << " " << tensor[t] << " " << oracle;
+      }
     }
+    printf("  %s geometry %d sinks %d, %s: loss gpu %.6f ref %.6f, worst gradient rel err %.2e\n", name.c_str(),
+           geometry, sinks, oracle, gpu_loss, r.loss, worst);
   }
-  printf("  %s: loss gpu %.6f ref %.6f\n", name.c_str(), gpu_loss, r.loss);
 
   // Per layer on the GPU's own inputs: the oracle (reference/stage1_ref.h, stage1_layer) on the same bf16
   // q, k, v and teacher output. This is the stage-1 step's own arithmetic (hybrid forward, fused MSE,
@@ -117,3 +115,42 @@ void check_stage1_step(const std::string& name, int geometry, int sinks) {
 TEST(GpuStage1, TerraceMatchesReferenceGqa) { check_stage1_step("hf_gqa_untied", HYBRID_TERRACE, 0); }
 TEST(GpuStage1, SlidingWithSinksMatchesReference) { check_stage1_step("hf_tied_ropescaled", HYBRID_SLIDING, 4); }
 TEST(GpuStage1, TerraceMatchesReferenceMha) { check_stage1_step("hf_mha", HYBRID_TERRACE, 0); }
+
+// The hybrid attention on a second stream (Stage1Config::overlap, the default) computes the same bits
+// as running everything on one stream: same kernels, same inputs, only the scheduling differs.
+TEST(GpuStage1, OverlapGivesTheSameBits) {
+  const std::string path = build_dir() + "/fixtures/hf_gqa_untied.bin";
+  if (!file_exists(path)) GTEST_SKIP() << path << " not built (run `make fixtures`)";
+  const int B = 2, T = 200;
+  Blas blas;
+  blas.init();
+  LlamaModel m = llama_load(path, T);
+  LlamaActs a = llama_acts_alloc(m, B, T, 1);
+  Rng rng(23);
+  std::vector<int> toks((size_t)B * T);
+  for (int& t : toks) t = (int)(rng.next() % m.V());
+  CUDA_CHECK(cudaMemcpy(a.tokens, toks.data(), toks.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<float> grads[2];
+  std::vector<double> mse[2];
+  for (int overlap = 0; overlap < 2; overlap++) {
+    Stage1Config cfg;
+    cfg.overlap = overlap != 0;
+    Stage1 s = stage1_create(cfg, m, B, T);
+    std::vector<float> params = ref::stage1_perturbed_params(s.L, m.h.n_heads, m.h.head_dim, cfg.feature_dim, 24);
+    adamw_set_params(&s.opt, params.data());
+    adamw_write_bf16(&s.opt, s.params_bf16);
+    adamw_zero_grad(&s.opt);
+    for (int rep = 0; rep < 2; rep++) stage1_micro_batch(s, blas, m, a, true, 0);  // accumulates twice
+    CUDA_CHECK(cudaDeviceSynchronize());
+    mse[overlap] = stage1_take_layer_mse(s, 2, 0);
+    grads[overlap] = download_f32(s.opt.grad, s.opt.n);
+    stage1_destroy(s);
+  }
+  ASSERT_EQ(grads[0].size(), grads[1].size());
+  EXPECT_EQ(0, memcmp(grads[0].data(), grads[1].data(), grads[0].size() * 4)) << "gradients differ with overlap";
+  EXPECT_EQ(mse[0], mse[1]);
+  for (float g : grads[1]) ASSERT_TRUE(std::isfinite(g));
+  llama_acts_free(a);
+  llama_free(m);
+  blas.destroy();
+}
