@@ -1796,6 +1796,7 @@ struct FastBwdArgs {
   bool want_window, want_input_grads;
   Shape s;
   int seg_chunks;
+  bool dk_from_du;  // version 3: the window dk kernel also adds du_k Wk^T (version 2's key kernel does it)
 };
 template <int D>
 struct BwdQLayout {
@@ -2285,6 +2286,23 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBw
   cp_async_wait<0>();
 }
 
+// acc (16 x D) += du (rows [r0, r0+16) of a global 16-bit x 64 matrix) . W^T, W (D x 64) read from global
+// (L1-resident: every warp of the block reads the same 16 KB): the feature-map part of dq or dk.
+template <int D>
+__device__ __forceinline__ void mul_du_weights_t(float (&acc)[D / 8][4], const bf16* du, size_t row_stride, int r0, int n_valid,
+                                                 const bf16* W) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  uint32_t uf[4][4];
+  frag_a_global<64>(uf, du, row_stride, r0, n_valid);
+  const uint32_t* w = (const uint32_t*)W;
+  #pragma unroll
+  for (int nt = 0; nt < D / 8; nt++) {
+    const uint32_t* wr = w + (8 * nt + g) * 32;  // B[k][n] = W[n][k]: row d = 8 nt + g, features 16 kk + 2t (+8)
+    #pragma unroll
+    for (int kk = 0; kk < 4; kk++) mma_bf16(acc[nt], uf[kk], wr[8 * kk + t], wr[8 * kk + 4 + t]);
+  }
+}
+
 // Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
 // key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
 // ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
@@ -2332,11 +2350,12 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
     }
   }
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
   float dv[NT][4] = {}, dk[NT][4] = {};
+  if (a.dk_from_du) mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                                        a.Wk + (size_t)h * D * 64);  // while the tiles arrive
+  cp_async_wait<0>();
+  __syncthreads();
   for (int u = 0; u < nq_chunks; u++) {
     const bf16* Q = sQ + u * TL::TILE;
     const bf16* DY = sDY + u * TL::TILE;
@@ -3259,6 +3278,256 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   cp_async_wait<0>();
 }
 
+// ---- full backward, version 3: the window part of dq (stateless) ----
+// One block of 4 warps per (query chunk c, h, b), warp w owning query rows [16w, +16); no state, so every
+// chunk runs in parallel (two blocks an SM). From the saved max: the probabilities of the softmax tiles
+// (the sinks from chunk 2 on, chunk c-1, the causal part of chunk c), ds = A (g.v - delta), its row sums
+// (-dm_i, for the max's gradient on the key side, and the window factor's term), and
+// dq = du_q Wq^T (the feature-map part; du_q from the query-side kernel) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
+template <int D>
+struct WinQLayout {
+  using TL = Tiles<D>;
+  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, SK = V + 2 * TL::TILE * 2,
+                          SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
+};
+template <int D>
+static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = WinQLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT, KT = TL::KT;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sK = (bf16*)(smem_raw + LY::K);  // slot 0: chunk c-1, slot 1: chunk c
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sSK = (bf16*)(smem_raw + LY::SK);
+  bf16* sSV = (bf16*)(smem_raw + LY::SV);
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
+  const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
+  load_rows_async<D>(sQ, LDT, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, 64, rows_in(c));
+  for (int u = has_prev ? 0 : 1; u < 2; u++) {
+    const int kc = c - 1 + u;
+    load_rows_async<D>(sK + u * TL::TILE, LDT, kb + (size_t)kc * CHUNK * kstride, kstride, 64, rows_in(kc));
+    load_rows_async<D>(sV + u * TL::TILE, LDT, vb + (size_t)kc * CHUNK * kstride, kstride, 64, rows_in(kc));
+  }
+  if (sink_tile) {
+    load_rows_async<D>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
+  }
+  cp_async_commit();
+
+  // While the tiles arrive: row statistics, dy, and the feature-map part du_q Wq^T.
+  const int row0 = 16 * warp, i0 = c * CHUNK + row0;
+  float inv[2], delta[2], m[2];
+  int arg[2];
+  bool valid[2];
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int i = i0 + g + 8 * r;
+    valid[r] = i < s.T;
+    const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
+    inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
+    delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
+    m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
+    arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
+  }
+  uint32_t dyf[KT][4];
+  frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
+  const bool want_dq = a.dq != nullptr;
+  float dqa[NT][4] = {};
+  if (want_dq) mul_du_weights_t<D>(dqa, a.du_q + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                                   a.Wq + (size_t)h * D * 64);
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float rowsum[2] = {0.0f, 0.0f};
+  if (sink_tile)
+    window_grad_tile<D, 16>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int) { return kl < s.sinks; });
+  if (has_prev) {
+    const int key0 = (c - 1) * CHUNK;
+    window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, sK, sV, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+  }
+  window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
+                          [&](int kl, int rl) { return kl <= rl; });
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    rowsum[r] = quad_sum(rowsum[r]);
+    if (!valid[r]) continue;
+    const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
+    if (t == 0) {
+      a.dm[ri] = -rowsum[r];
+      a.sv.row_wgrad[ri] = rowsum[r];
+    }
+    if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
+      const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
+      const float f = -rowsum[r] * s.scale;
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const uint32_t kv2 = kr[4 * nt + t];
+        dqa[nt][2 * r] += f * bf16_lo(kv2);
+        dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+      }
+      uint32_t* dst = (uint32_t*)(a.dq + ri * D);
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+    }
+  }
+}
+
+// ---- full backward, version 3: the linear part of dv ----
+// dv_j = R_c^T phi_k(k_j) contracts over the features, which the key-side kernel's partition (features
+// across warps) splits; so this kernel walks the key chunks backwards once more with R^T (d x 128) in
+// registers partitioned by HEAD-DIM rows (warp w owns d-rows [16w, +16), as the forward holds S^T), and
+// dv^T = R^T phi_k^T is the forward's numL^T product. Per key chunk c: (A) warps 0-3 phi_k(c) (bf16, sinks
+// and rows past T zeroed); (B) each warp its 16 d-rows of dv^T (to a shared fp32 tile), then R^T +=
+// dy^T (phi_q / den) of query chunk c+1; (C) sliding: the queries of chunk c+1 at least w ahead,
+// dv += (phi_k (phi_q / den)^T, masked) dy; (D) the tile into the fp32 dv accumulator (atomics: GQA heads).
+struct BwdDv3Layout {
+  using TL = Tiles<128>;
+  static constexpr size_t K = 0, PQ = K + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2, WK = DY + 2 * TL::TILE * 2,
+                          PK = WK + TL::WT * 2, DV = PK + TL::PT * 2, BYTES = DV + 64 * V3_LDN * 4;
+};
+template <bool SLIDING>
+static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kernel(FastBwdArgs a) {
+  constexpr int D = 128;
+  using TL = Tiles<D>;
+  using LY = BwdDv3Layout;
+  constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sPQ = (bf16*)(smem_raw + LY::PQ);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  bf16* sPK = (bf16*)(smem_raw + LY::PK);
+  float* sDV = (float*)(smem_raw + LY::DV);  // dv (key, d) of the current chunk
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
+  const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
+  auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
+  auto load_iter = [&](int c) {  // K_c, and phi_q / den, dy of query chunk c+1 (zeros if none)
+    const int sl = c & 1;
+    load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
+    const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;
+    load_rows_async_v3<NF>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async_v3<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+  };
+  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_iter(c_end - 1);
+  cp_async_commit();
+  float st[16][4];  // R^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    const bool last = seg == (int)gridDim.x - 1;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int f = 8 * j + 2 * t + (e & 1), dr = 16 * warp + g + 8 * (e >> 1);
+        st[j][e] = last ? 0.0f : a.segR[(base + f) * D + dr];
+      }
+  }
+
+  for (int c = c_end - 1; c >= c_begin; c--) {
+    const int sl = c & 1;
+    const bf16* Kc = sK + sl * TL::TILE;
+    const bf16* PQc = sPQ + sl * TL::PT;
+    const bf16* DYc = sDY + sl * TL::TILE;
+    const int j0 = c * CHUNK;
+    const bool has_q = c + 1 < s.NC, has_state = c + 2 < s.NC, any = has_state || (SLIDING && has_q);
+    cp_async_wait<0>();
+    __syncthreads();  // this chunk's tiles are in; the last chunk's readers (sPK, sDV) are done
+    if (c - 1 >= c_begin) load_iter(c - 1);
+    cp_async_commit();
+
+    // (A) phi_k of this chunk (row groups, warps 0-3)
+    if (any) {
+      if (hf == 0) {
+        float ph[16][4];
+        feature_map_smem<D>(ph, Kc, row0, sWk);
+        const int jr = j0 + row0 + g;
+        store_phi<false>(sPK, LDP, row0, ph, jr >= s.sinks && jr < s.T, jr + 8 >= s.sinks && jr + 8 < s.T);
+      }
+      __syncthreads();  // sPK complete
+      // (B) dv^T = R^T phi_k^T for this warp's d-rows (transposed into sDV: key rows)
+      float dvt[8][4];
+      if (has_state) {
+        state_times_tile_t<false>(dvt, st, sPK, LDP);
+      } else {
+        #pragma unroll
+        for (int n = 0; n < 8; n++) dvt[n][0] = dvt[n][1] = dvt[n][2] = dvt[n][3] = 0.0f;
+      }
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDV[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = dvt[n][e];
+    }
+    // R^T += dy^T (phi_q / den) of query chunk c+1 (after (B): dv of chunk c uses query chunks >= c+2)
+    if (has_q) state_accumulate<false>(st, DYc, LDT, 16 * warp, PQc, LDP);
+    if (!any) continue;
+    // (C) sliding: key rows of row group rg, d-columns [64 hf, +64)
+    if (SLIDING && has_q) {
+      uint32_t pa[4][4];
+      {
+        float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries)
+        #pragma unroll
+        for (int k = 0; k < 8; k++) {
+          uint32_t pk[4];
+          frag_a(pk, sPK, LDP, row0, 16 * k);
+          #pragma unroll
+          for (int np = 0; np < 4; np++) {
+            uint32_t bb[4];
+            frag_b_nk(bb, PQc, LDP, 16 * np, 16 * k);
+            mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
+            mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
+          }
+        }
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
+        pack_c_to_a<false, 8>(pa, bst);
+      }
+      float acc[8][4] = {};
+      mul_a_tile_half<false>(acc, pa, DYc, LDT, 64 * hf);
+      __syncthreads();  // sDV's transposed stores are done
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDV[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
+    }
+    __syncthreads();  // sDV complete
+    // (D) into the fp32 accumulator, 4 columns a thread (coalesced)
+    const int nk = rows_in(c);
+    for (int idx = tid; idx < nk * (D / 4); idx += V3_THREADS) {
+      const int r = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      const float4 x = *(const float4*)&sDV[r * LDN + c4];
+      float* dst = a.dv_acc + kv_index(s, b, j0 + r, hk) * D + c4;
+      atomicAdd(dst, x.x);
+      atomicAdd(dst + 1, x.y);
+      atomicAdd(dst + 2, x.z);
+      atomicAdd(dst + 3, x.w);
+    }
+  }
+  cp_async_wait<0>();
+}
+
 // ---- workspace layout --------------------------------------------------------------------------
 struct Workspace {
   float *phiq, *phik, *St, *zt;  // generic path: (B,T,H,2f) x2, per-chunk states (B,H,NC,2f,d), (B,H,NC,2f)
@@ -3396,8 +3665,9 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
                  input_grads, s, seg_chunks(p)};
   if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);  // else: the forward's
   mark("bwd: S prefixes", stream);
-  // Version 3 covers the stage-1 backward (feature-map gradients only); anything more takes version 2.
-  const bool v3 = uses_v3(p) && !ba.want_window && !input_grads;
+  // Version 3 (d = 128): the state kernels form the feature-map gradients (du_q, du_k) and, for the full
+  // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
+  const bool v3 = uses_v3(p);
   const bool sliding = p.geometry == HYBRID_SLIDING;
   if (v3) {
     auto kq = sliding ? fast_backward_query_v3_kernel<true> : fast_backward_query_v3_kernel<false>;
@@ -3409,6 +3679,12 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: query side", stream);
+  if (v3 && ba.want_window) {
+    set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
+    fast_window_q_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: window dq", stream);
+  }
   fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
   if (v3) {
@@ -3421,7 +3697,15 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: key side", stream);
+  if (v3 && input_grads) {
+    auto kv = sliding ? fast_backward_dv_v3_kernel<true> : fast_backward_dv_v3_kernel<false>;
+    set_max_smem(kv, BwdDv3Layout::BYTES);
+    kv<<<grid, V3_THREADS, BwdDv3Layout::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: dv linear", stream);
+  }
   if (input_grads) {
+    ba.dk_from_du = v3;
     set_max_smem(fast_window_kv_kernel<D>, WinLayout<D>::BYTES);
     fast_window_kv_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
