@@ -29,7 +29,7 @@
 // is O(T d) plus one 128 x d state per thread block (no T x T buffer anywhere).
 //
 // KERNEL VERSIONS. Version 3 (d = 128, the Llama shapes; HYBRID_IMPL_TENSOR or AUTO) runs the forward and the
-// stage-1 backward; version 2 runs d = 64, the full backward's query / key / window kernels at every d, and
+// backward (stage 1 and full; the window dk/dv kernel is shared with version 2); version 2 runs d = 64 and
 // everything under HYBRID_IMPL_TENSOR_V2. Version 2 is described first, version 3 after it.
 //
 // FORWARD, version 2 (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a
@@ -74,14 +74,21 @@
 // phi_q / den and dy): phi_k, dphi_k = V R^T - r (tf32), du_k, and for stage 2 dv = phi_k R, dk = du_k Wk^T.
 // fast_window_kv_kernel (stage 2) is key-centric and stateless: key chunk c against query chunks c and c+1,
 // dk += ds^T q / sqrt(d) (arg-max terms included), dv += A^T g.
-// Stage-1 backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
+// Backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
 // the state in registers partitioned by FEATURES (warp w owns rows [16w, +16) of S or R, 128 x d), because
 // dphi_q = g S^T and dphi_k = V R^T contract over d: dphi^T (features x rows) = S dy^T takes S's C fragments
 // as the tf32 A operand with the forward's permutation (B: one bf16 pair from the row-major dy or V tile),
 // goes to an fp32 shared tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise).
-// z (query side) and r (key side) are double-buffered in shared memory. The full backward (dq, dk, dv, the
-// window) stays on version 2: dv = phi_k R contracts over the features, which this partition splits
-// across warps. 180-204 registers, no spills, ~210 KB of shared memory.
+// z (query side) and r (key side) are double-buffered in shared memory. 180-204 registers, no spills, ~210 KB
+// of shared memory.
+// Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k; what they cannot give
+// cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (every query chunk in parallel,
+// 4 warps, 2 blocks an SM): the window's ds from the saved max, its row sums (-dm_i, the window term),
+// dq = du_q Wq^T + ds K / sqrt(d) + dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel: dv = phi_k R
+// contracts over the features, which the key kernel's partition splits across warps, so a second backward
+// walk holds R^T partitioned by head-dim rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T
+// exactly like the forward's numL^T (+ the sliding term); cost: R is accumulated twice. (3)
+// fast_window_kv_kernel (as version 2) adds the window's dk, dv and, here, du_k Wk^T. 180-250 registers.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
@@ -1769,21 +1776,27 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
   }
   if (tid < NF) a.segZ[base + tid] = sZ[tid];
 }
-// Exclusive prefix over segments, in place: FORWARD: segment s gets the sum of segments < s; otherwise
-// the sum of segments > s. One thread per (b, h, element); a fixed order (deterministic).
+// Exclusive prefix over segments from the sub-segment sums (split sub-segments a segment): FORWARD: segment s
+// gets the sum of segments < s; otherwise the sum of segments > s. One thread per (b, h, element); a fixed
+// order (deterministic). The sub-segment a pass leaves unwritten (the last for FORWARD, the first otherwise)
+// belongs to the segment that is summed last, so it is never read.
 template <bool FORWARD>
-static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, int BH, int nseg, int D) {
+static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, const float* __restrict__ subS,
+                                           const float* __restrict__ subZ, int BH, int nseg, int nsub, int split, int D) {
   const size_t per = (size_t)NF * (D + 1);
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)BH * per) return;
   const size_t bh = idx / per, el = idx % per;
+  const bool isS = el < (size_t)NF * D;
+  const size_t ez = el - (size_t)NF * D;
   float acc = 0.0f;
   for (int n = 0; n < nseg; n++) {
     const int sg = FORWARD ? n : nseg - 1 - n;
-    float* p = el < (size_t)NF * D ? &segS[((bh * nseg + sg) * NF) * D + el] : &segZ[(bh * nseg + sg) * NF + (el - (size_t)NF * D)];
-    const float x = *p;
-    *p = acc;
-    acc += x;
+    if (isS) segS[(bh * nseg + sg) * NF * D + el] = acc;
+    else segZ[(bh * nseg + sg) * NF + ez] = acc;
+    if (n + 1 < nseg)
+      for (int u = sg * split; u < min(nsub, (sg + 1) * split); u++)
+        acc += isS ? subS[(bh * nsub + u) * NF * D + el] : subZ[(bh * nsub + u) * NF + ez];
   }
 }
 // ---- fast backward ----
@@ -2303,6 +2316,24 @@ __device__ __forceinline__ void mul_du_weights_t(float (&acc)[D / 8][4], const b
   }
 }
 
+// dst rows [j0, j0+16) of (B, T, Hkv, D) fp32 += a warp's C-layout accumulator (16 x 8 NT): one 16-byte
+// atomic a lane per n-tile (lane pairs swap halves so that each holds 4 consecutive columns of one row).
+// The fp32 reductions over GQA heads are bound by the number of atomic operations, not their bytes.
+template <int NT>
+__device__ __forceinline__ void add_c_tile_atomic(float* dst, const float (&acc)[NT][4], const Shape& s, int b, int hk, int j0, int D) {
+  const int l = lane_id(), g = l >> 2, t = l & 3, odd = t & 1;
+  const int row = j0 + g + 8 * odd;  // even t: row g, odd t: row g + 8
+  float* p = dst + kv_index(s, b, row < s.T ? row : 0, hk) * D + 2 * (t & 2);
+  #pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    // even t keeps its row-g pair and receives the partner's; odd t keeps its row-(g+8) pair
+    const float s0 = odd ? acc[nt][0] : acc[nt][2], s1 = odd ? acc[nt][1] : acc[nt][3];
+    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    const float4 v = odd ? make_float4(r0, r1, acc[nt][2], acc[nt][3]) : make_float4(acc[nt][0], acc[nt][1], r0, r1);
+    if (row < s.T) atomicAdd((float4*)(p + 8 * nt), v);
+  }
+}
+
 // Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
 // key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
 // ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
@@ -2389,21 +2420,8 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
     mul_a_tile<D, false>(dv, ap, DY);
     mul_a_tile<D, false>(dk, dsp, Q);
   }
-  #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const int j = j0 + g + 8 * r;
-    if (j >= s.T) continue;
-    float* dvd = a.dv_acc + kv_index(s, b, j, hk) * D;
-    float* dkd = a.dk_acc + kv_index(s, b, j, hk) * D;
-    #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-      #pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int col = 8 * nt + 2 * t + e;
-        atomicAdd(&dvd[col], dv[nt][2 * r + e]);
-        atomicAdd(&dkd[col], dk[nt][2 * r + e]);
-      }
-  }
+  add_c_tile_atomic<NT>(a.dv_acc, dv, s, b, hk, j0, D);
+  add_c_tile_atomic<NT>(a.dk_acc, dk, s, b, hk, j0, D);
 }
 
 // dW_h (d x 64) partial sums over row splits: part[z][split][h] = sum x^T du over the split's rows of
@@ -2505,8 +2523,8 @@ static __global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float*
 // the B operand read with the same permutation (one 32-bit load of a 16-bit pair from a row-major tile).
 // The state's products therefore come out transposed (state rows x 64 chunk rows) and go through a
 // shared fp32 tile to the warps that own the chunk rows. Everything else in a chunk (feature maps,
-// softmax window, output, feature-map backward) is split over the 8 warps. Stage-1 backward only (no dq,
-// dk, dv, no window recomputation); the full backward keeps the version-2 kernels.
+// softmax window, output, feature-map backward) is split over the 8 warps. The full backward's dq, dk, dv
+// come from separate kernels (the header comment: "Full backward, version 3").
 constexpr int V3_THREADS = 256;
 constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile: conflict-free for the
                                  // transposed scalar stores (rows 2t, cols g) and the float2 row reads
@@ -3517,12 +3535,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
     const int nk = rows_in(c);
     for (int idx = tid; idx < nk * (D / 4); idx += V3_THREADS) {
       const int r = idx / (D / 4), c4 = 4 * (idx % (D / 4));
-      const float4 x = *(const float4*)&sDV[r * LDN + c4];
-      float* dst = a.dv_acc + kv_index(s, b, j0 + r, hk) * D + c4;
-      atomicAdd(dst, x.x);
-      atomicAdd(dst + 1, x.y);
-      atomicAdd(dst + 2, x.z);
-      atomicAdd(dst + 3, x.w);
+      atomicAdd((float4*)(a.dv_acc + kv_index(s, b, j0 + r, hk) * D + c4), *(const float4*)&sDV[r * LDN + c4]);
     }
   }
   cp_async_wait<0>();
@@ -3532,6 +3545,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
 struct Workspace {
   float *phiq, *phik, *St, *zt;  // generic path: (B,T,H,2f) x2, per-chunk states (B,H,NC,2f,d), (B,H,NC,2f)
   float *segS, *segZ;            // fast path: per-segment states (B,H,nseg,128,d), (B,H,nseg,128)
+  float *subS, *subZ;            // fast path: per-sub-segment sums (B,H,nsub,128,d), (B,H,nsub,128)
   float *row_sq, *dm;            // (B,T,H)
   bf16 *du_q, *du_k;             // (B,T,H,f)
   float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
@@ -3541,6 +3555,11 @@ struct Workspace {
 };
 inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
 inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
+// The segment-sum passes sum SUB-segments of seg_chunks / split chunks (the scan adds them up per segment):
+// a pass block is a serial chain of chunks at one block an SM, and 4K tokens give only 192 segment blocks
+// for 132 SMs (two waves, the second half empty); split 2 doubles the blocks and halves each chain.
+inline int seg_split(const HybridAttnParams& p) { return seg_chunks(p) % 2 == 0 && seg_chunks(p) >= 8 ? 2 : 1; }
+inline int num_subsegments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p) / seg_split(p)); }
 // Floats of the per-segment state prefixes a forward keeps for its backward (none with one segment).
 inline size_t seg_state_floats(const HybridAttnParams& p) {
   const size_t nseg = num_segments(p);
@@ -3570,6 +3589,9 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
     const size_t nseg = num_segments(p);
     w.segS = (float*)take((size_t)p.B * p.H * nseg * 128 * p.d * 4);
     w.segZ = (float*)take((size_t)p.B * p.H * nseg * 128 * 4);
+    const size_t nsub = nseg > 1 ? num_subsegments(p) : 0;
+    w.subS = (float*)take((size_t)p.B * p.H * nsub * 128 * p.d * 4);
+    w.subZ = (float*)take((size_t)p.B * p.H * nsub * 128 * 4);
     w.dW_part = (float*)take((size_t)2 * WG_SPLITS * p.H * p.d * p.f * 4);
     w.phiq_bf = (bf16*)take(rows * 128 * 2);
   }
@@ -3595,21 +3617,22 @@ inline void mark(const char* stage, cudaStream_t stream) {
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
-                              const HybridAttnSaved& saved, float* segS, float* segZ, cudaStream_t stream) {
-  const int G = seg_chunks(p), nseg = num_segments(p);
+                              const HybridAttnSaved& saved, const Workspace& ws, float* segS, float* segZ, cudaStream_t stream) {
+  const int G = seg_chunks(p), nseg = num_segments(p), split = seg_split(p), nsub = num_subsegments(p);
   if (nseg <= 1) return;
-  const dim3 grid(nseg, p.H, p.B);
-  SegSumArgs sa{segS, segZ, x, y, W, saved.row_den, saved.row_delta, s, G, nseg};
+  const dim3 grid(nsub, p.H, p.B);
+  SegSumArgs sa{ws.subS, ws.subZ, x, y, W, saved.row_den, saved.row_delta, s, G / split, nsub};
+  const int scan_blocks = ceil_div((size_t)p.B * p.H * NF * (D + 1), 256);
   if (keys) {
     set_max_smem(segment_sum_kernel<D, true>, SegLayout<D>::BYTES);
     segment_sum_kernel<D, true><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<true><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   } else {
     set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES);
     segment_sum_kernel<D, false><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<false><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<false><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   }
   CUDA_LAUNCH_CHECK();
 }
@@ -3630,7 +3653,7 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
                            const HybridStage1Loss* loss, cudaStream_t stream) {
   float *segS, *segZ;
   state_prefix_buffers(p, saved, ws, &segS, &segZ);
-  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);
+  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, segS, segZ, stream);
   mark("fwd: state prefixes", stream);
   const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
   FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, segS, segZ, saved, ws.row_sq,
@@ -3663,7 +3686,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   FastBwdArgs ba{grads.dq, ws.phiq_bf, ws.du_q, ws.du_k, ws.dm, ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.Wq, wts.Wk,
                  ws.phiq_bf, wts.w, segS, segZ, ws.segS, ws.segZ, saved, input_grads || (!fused && grads.dw != nullptr),
                  input_grads, s, seg_chunks(p)};
-  if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);  // else: the forward's
+  if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, segS, segZ, stream);  // else: the forward's
   mark("bwd: S prefixes", stream);
   // Version 3 (d = 128): the state kernels form the feature-map gradients (du_q, du_k) and, for the full
   // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
@@ -3685,7 +3708,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     CUDA_LAUNCH_CHECK();
     mark("bwd: window dq", stream);
   }
-  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws.segS, ws.segZ, stream);
+  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
   if (v3) {
     auto kk = sliding ? fast_backward_key_v3_kernel<true> : fast_backward_key_v3_kernel<false>;
