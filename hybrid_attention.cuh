@@ -1281,11 +1281,12 @@ __device__ __forceinline__ void pack_c_to_a(uint32_t (&a)[NTILES / 2][4], const 
 }
 // acc (16 x D) += A (16 x 16*NK16 keys, A fragments) . Y (shared tile, B[k][n] = Y[k][n]).
 template <int D, bool HALF, int NK16 = 4>
-__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y) {
+__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y, int kb_lo = 0) {
   #pragma unroll
   for (int kk = 0; kk < NK16; kk++)
     #pragma unroll
     for (int np = 0; np < D / 16; np++) {
+      if (kk < kb_lo) continue;  // A's k-blocks below kb_lo are zero
       uint32_t bb[4];
       frag_b_kn(bb, (const unsigned short*)Y, Tiles<D>::LDT, 16 * kk, 16 * np);
       if (HALF) { mma_f16(acc[2 * np], A[kk], bb[0], bb[1]); mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
@@ -1328,8 +1329,9 @@ __device__ __forceinline__ void mul_x_state_t_smem(float (&acc)[16][4], const bf
     }
   }
 }
+// (n-blocks of 16 below nb_lo are left zero: the causal tile's blocks that a warp's rows never see.)
 template <int D, int NKEYS = 64>
-__device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X, int r0, const bf16* K) {
+__device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X, int r0, const bf16* K, int nb_lo = 0) {
   #pragma unroll
   for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
   #pragma unroll
@@ -1338,6 +1340,7 @@ __device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X
     frag_a(xa, X, Tiles<D>::LDT, r0, 16 * kt);
     #pragma unroll
     for (int np = 0; np < NKEYS / 16; np++) {
+      if (np < nb_lo) continue;
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
       mma_bf16(sc[2 * np], xa, bb[0], bb[1]);
@@ -1821,36 +1824,40 @@ struct BwdQLayout {
 };
 
 // Window gradient of one key tile for a warp's 16 query rows: ds = A (g.v - delta), its row sums, and
-// dq += ds K / sqrt(d) when want_dq.
+// dq += ds K / sqrt(d) when want_dq. Only the 16-key blocks [0, nkb) are formed (the causal tile: a warp's
+// rows see no key past its last row, so the blocks beyond are all masked and skipped).
 template <int D, int NKEYS, class MASK>
 __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (&rowsum)[2], const bf16* sQ, int row0,
                                                  const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V,
                                                  const float (&m)[2], const float (&inv)[2], const float (&delta)[2],
-                                                 float gamma, float scale, bool want_dq, MASK mask) {
+                                                 float gamma, float scale, bool want_dq, MASK mask, int nkb = NKEYS / 16) {
   constexpr int nkeys = NKEYS;
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
   float sc[8][4] = {};
+  float dp[8][4] = {};
   #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     uint32_t qa[4];
     frag_a(qa, sQ, Tiles<D>::LDT, row0, 16 * kt);
     #pragma unroll
     for (int np = 0; np < nkeys / 16; np++) {
+      if (np >= nkb) break;
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
       mma_bf16(sc[2 * np], qa, bb[0], bb[1]);
       mma_bf16(sc[2 * np + 1], qa, bb[2], bb[3]);
+      frag_b_nk(bb, V, Tiles<D>::LDT, 16 * np, 16 * kt);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
+      mma_bf16(dp[2 * np], dyf[kt], bb[0], bb[1]);
+      mma_bf16(dp[2 * np + 1], dyf[kt], bb[2], bb[3]);
     }
   }
-  float dp[8][4];
-  mul_x_keys<D, NKEYS>(dp, dyf, V);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
   #pragma unroll
   for (int nt = 0; nt < nkeys / 8; nt++)
     #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
       float ds = 0.0f;
-      if (mask(kl, row0 + g + 8 * r)) {
+      if (nt < 2 * nkb && mask(kl, row0 + g + 8 * r)) {
         // p rounded to f16 as the forward multiplied it, so that sum_j ds_ij (dw, and the max's gradient)
         // is formed from the same weights as the forward's output, not a 2^-11 neighbour of them
         const float p = __half2float(__float2half(exp2f((sc[nt][e] * scale - m[r]) * LOG2E)));
@@ -1862,7 +1869,17 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
   if (want_dq) {
     uint32_t da[4][4];
     pack_c_to_a<false, 8>(da, sc);
-    mul_a_tile<D, false, NKEYS / 16>(dqa, da, K);
+    #pragma unroll
+    for (int kk = 0; kk < nkeys / 16; kk++) {
+      if (kk >= nkb) break;
+      #pragma unroll
+      for (int np = 0; np < D / 16; np++) {
+        uint32_t bb[4];
+        frag_b_kn(bb, K, Tiles<D>::LDT, 16 * kk, 16 * np);
+        mma_bf16(dqa[2 * np], da[kk], bb[0], bb[1]);
+        mma_bf16(dqa[2 * np + 1], da[kk], bb[2], bb[3]);
+      }
+    }
   }
 }
 
@@ -2044,7 +2061,7 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(Fast
                             [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
       }
       window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, m, inv, delta, gamma, s.scale, want_dq,
-                          [&](int kl, int rl) { return kl <= rl; });
+                          [&](int kl, int rl) { return kl <= rl; }, warp + 1);
       #pragma unroll
       for (int r = 0; r < 2; r++) {
         rowsum[r] = quad_sum(rowsum[r]);
@@ -2394,8 +2411,9 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
     uint32_t ap[4][4], dsp[4][4];
     {
       float sc[8][4], dpt[8][4];
-      mul_x_keys_smem<D>(sc, sK, row0, Q);    // s^T = K q^T (keys x queries)
-      mul_x_keys_smem<D>(dpt, sV, row0, DY);  // dP^T = V dy^T
+      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
+      mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
+      mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         #pragma unroll
@@ -2417,8 +2435,8 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
-    mul_a_tile<D, false>(dv, ap, DY);
-    mul_a_tile<D, false>(dk, dsp, Q);
+    mul_a_tile<D, false>(dv, ap, DY, u == 0 ? warp : 0);
+    mul_a_tile<D, false>(dk, dsp, Q, u == 0 ? warp : 0);
   }
   add_c_tile_atomic<NT>(a.dv_acc, dv, s, b, hk, j0, D);
   add_c_tile_atomic<NT>(a.dk_acc, dk, s, b, hk, j0, D);
@@ -3374,7 +3392,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
                             [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
   }
   window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
-                          [&](int kl, int rl) { return kl <= rl; });
+                          [&](int kl, int rl) { return kl <= rl; }, warp + 1);
   #pragma unroll
   for (int r = 0; r < 2; r++) {
     rowsum[r] = quad_sum(rowsum[r]);
