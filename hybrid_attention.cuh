@@ -1812,7 +1812,7 @@ struct FastBwdArgs {
   bool want_window, want_input_grads;
   Shape s;
   int seg_chunks;
-  bool dk_from_du;  // version 3: the window dk kernel also adds du_k Wk^T (version 2's key kernel does it)
+  bf16 *dk_out, *dv_out;  // version 3: the window dk / dv kernel writes the outputs
 };
 template <int D>
 struct BwdQLayout {
@@ -2400,8 +2400,6 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
   cp_async_commit();
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
   float dv[NT][4] = {}, dk[NT][4] = {};
-  if (a.dk_from_du) mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
-                                        a.Wk + (size_t)h * D * 64);  // while the tiles arrive
   cp_async_wait<0>();
   __syncthreads();
   for (int u = 0; u < nq_chunks; u++) {
@@ -3315,15 +3313,17 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
 }
 
 // ---- full backward, version 3: the window part of dq (stateless) ----
-// One block of 4 warps per (query chunk c, h, b), warp w owning query rows [16w, +16); no state, so every
-// chunk runs in parallel (two blocks an SM). From the saved max: the probabilities of the softmax tiles
-// (the sinks from chunk 2 on, chunk c-1, the causal part of chunk c), ds = A (g.v - delta), its row sums
-// (-dm_i, for the max's gradient on the key side, and the window factor's term), and
+// One block of 4 warps per (query chunk c, kv head, b), warp w owning query rows [16w, +16); it loops over
+// the query heads of the GQA group, which share the key / value tiles (loaded once), with the next head's
+// query tile arriving while this one computes. No state: every chunk runs in parallel (two blocks an SM).
+// From the saved max: the probabilities of the softmax tiles (the sinks from chunk 2 on, chunk c-1, the
+// causal part of chunk c), ds = A (g.v - delta), its row sums (-dm_i, for the max's gradient on the key
+// side, and the window factor's term), and
 // dq = du_q Wq^T (the feature-map part; du_q from the query-side kernel) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
 template <int D>
 struct WinQLayout {
   using TL = Tiles<D>;
-  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, SK = V + 2 * TL::TILE * 2,
+  static constexpr size_t Q = 0, K = Q + 2 * TL::TILE * 2, V = K + 2 * TL::TILE * 2, SK = V + 2 * TL::TILE * 2,
                           SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
 };
 template <int D>
@@ -3332,21 +3332,24 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   using LY = WinQLayout<D>;
   constexpr int LDT = TL::LDT, NT = TL::NT, KT = TL::KT;
   const Shape& s = a.s;
-  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);  // [2]: by head parity
   bf16* sK = (bf16*)(smem_raw + LY::K);  // slot 0: chunk c-1, slot 1: chunk c
   bf16* sV = (bf16*)(smem_raw + LY::V);
   bf16* sSK = (bf16*)(smem_raw + LY::SK);
   bf16* sSV = (bf16*)(smem_raw + LY::SV);
-  const float gamma = sigmoidf_(a.wlogit[h]);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
   const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
   const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
-  load_rows_async<D>(sQ, LDT, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, 64, rows_in(c));
+  auto load_q = [&](int hh) {
+    load_rows_async<D>(sQ + (hh & 1) * TL::TILE, LDT, a.q + row_index(s, b, c * CHUNK, hk * s.group + hh) * D, qstride, 64,
+                       rows_in(c));
+  };
+  load_q(0);
   for (int u = has_prev ? 0 : 1; u < 2; u++) {
     const int kc = c - 1 + u;
     load_rows_async<D>(sK + u * TL::TILE, LDT, kb + (size_t)kc * CHUNK * kstride, kstride, 64, rows_in(kc));
@@ -3357,63 +3360,182 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
   }
   cp_async_commit();
-
-  // While the tiles arrive: row statistics, dy, and the feature-map part du_q Wq^T.
   const int row0 = 16 * warp, i0 = c * CHUNK + row0;
-  float inv[2], delta[2], m[2];
-  int arg[2];
-  bool valid[2];
-  #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const int i = i0 + g + 8 * r;
-    valid[r] = i < s.T;
-    const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
-    inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
-    delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
-    m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
-    arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
-  }
-  uint32_t dyf[KT][4];
-  frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
   const bool want_dq = a.dq != nullptr;
-  float dqa[NT][4] = {};
-  if (want_dq) mul_du_weights_t<D>(dqa, a.du_q + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
-                                   a.Wq + (size_t)h * D * 64);
-  cp_async_wait<0>();
-  __syncthreads();
 
-  float rowsum[2] = {0.0f, 0.0f};
-  if (sink_tile)
-    window_grad_tile<D, 16>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
-                            [&](int kl, int) { return kl < s.sinks; });
-  if (has_prev) {
-    const int key0 = (c - 1) * CHUNK;
-    window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, sK, sV, m, inv, delta, gamma, s.scale, want_dq,
-                            [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const bool more = hh + 1 < s.group;
+    if (more) load_q(hh + 1);  // its buffer's last readers (head hh-1) passed the barrier below
+    cp_async_commit();
+    const float gamma = sigmoidf_(a.wlogit[h]);
+    const bf16* Q = sQ + (hh & 1) * TL::TILE;
+    // While the tiles arrive: row statistics, dy, and the feature-map part du_q Wq^T.
+    float inv[2], delta[2], m[2];
+    int arg[2];
+    bool valid[2];
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int i = i0 + g + 8 * r;
+      valid[r] = i < s.T;
+      const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
+      inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
+      delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
+      m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
+      arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
+    }
+    uint32_t dyf[KT][4];
+    frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
+    float dqa[NT][4] = {};
+    if (want_dq) mul_du_weights_t<D>(dqa, a.du_q + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                                     a.Wq + (size_t)h * D * 64);
+    cp_async_wait<1>();  // everything but the next head's query tile
+    __syncthreads();
+
+    float rowsum[2] = {0.0f, 0.0f};
+    if (sink_tile)
+      window_grad_tile<D, 16>(dqa, rowsum, Q, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
+                              [&](int kl, int) { return kl < s.sinks; });
+    if (has_prev) {
+      const int key0 = (c - 1) * CHUNK;
+      window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK, sV, m, inv, delta, gamma, s.scale, want_dq,
+                              [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+    }
+    window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int rl) { return kl <= rl; }, warp + 1);
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      rowsum[r] = quad_sum(rowsum[r]);
+      if (!valid[r]) continue;
+      const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
+      if (t == 0) {
+        a.dm[ri] = -rowsum[r];
+        a.sv.row_wgrad[ri] = rowsum[r];
+      }
+      if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
+        const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
+        const float f = -rowsum[r] * s.scale;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const uint32_t kv2 = kr[4 * nt + t];
+          dqa[nt][2 * r] += f * bf16_lo(kv2);
+          dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+        }
+        uint32_t* dst = (uint32_t*)(a.dq + ri * D);
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+      }
+    }
+    __syncthreads();  // this head's query tile is no longer read
   }
-  window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
-                          [&](int kl, int rl) { return kl <= rl; }, warp + 1);
+}
+
+// ---- full backward, version 3: the window part of dk, dv, and the outputs ----
+// One block of 4 warps per (key chunk c, kv head, b), warp w owning key rows [16w, +16). It loops over the
+// query heads of the GQA group, so dk and dv are summed in registers, not by atomics: per head the window
+// part (query chunks c and c+1, as fast_window_kv_kernel) and the feature-map part du_k Wk^T. Then
+// dk += the sinks' part, dv += the linear part and the sinks' (fp32 accumulators, added earlier by the dv
+// pass and sink_kv_grad_kernel), and both go out as bf16.
+template <int D>
+static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = WinLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
+  load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  const int row0 = warp * 16, j0 = c * CHUNK + row0;
+  float dv[NT][4] = {}, dk[NT][4] = {};
+  #pragma unroll 1
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const float gamma = sigmoidf_(a.wlogit[h]);
+    if (hh > 0) __syncthreads();  // the last head's readers of sQ, sDY, sSt are done
+    for (int u = 0; u < nq_chunks; u++) {
+      const int qc = c + u;
+      load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+      load_rows_async<D>(sDY + u * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+      if (tid < 64) {
+        const int i = qc * CHUNK + tid;
+        const bool ok = i < s.T;
+        const size_t ri = row_index(s, b, ok ? i : 0, h);
+        float* st = sSt + u * 5 * 64;
+        st[tid] = ok ? a.sv.row_max[ri] : 0.0f;
+        st[64 + tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
+        st[128 + tid] = ok ? a.sv.row_delta[ri] : 0.0f;
+        st[192 + tid] = ok ? a.dm[ri] : 0.0f;
+        st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
+      }
+    }
+    cp_async_commit();
+    mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                        a.Wk + (size_t)h * D * 64);  // while the tiles arrive
+    cp_async_wait<0>();
+    __syncthreads();
+    #pragma unroll 1
+    for (int u = 0; u < nq_chunks; u++) {
+      const bf16* Q = sQ + u * TL::TILE;
+      const bf16* DY = sDY + u * TL::TILE;
+      const float* st = sSt + u * 5 * 64;
+      uint32_t ap[4][4], dsp[4][4];
+      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
+      {
+        float sc[8][4], dpt[8][4];
+        mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
+        mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
+            bool win;
+            if (u == 0) win = kl <= ql;
+            else win = !sliding || ql < kl || j < s.sinks;
+            win = win && j < s.T && st[64 + ql] != 0.0f;  // a real key and a real query
+            float A = 0.0f, ds = 0.0f;
+            if (win) {
+              A = gamma * exp2f((sc[nt][e] * s.scale - st[ql]) * LOG2E);
+              ds = A * (dpt[nt][e] * st[64 + ql] - st[128 + ql]);
+              if (__float_as_int(st[256 + ql]) == j) ds += st[192 + ql];
+            }
+            sc[nt][e] = A * st[64 + ql];  // A^T / den: dv = sum_i A_ij dy_i / den_i
+            dpt[nt][e] = ds * s.scale;
+          }
+        pack_c_to_a<false, 8>(ap, sc);
+        pack_c_to_a<false, 8>(dsp, dpt);
+      }
+      mul_a_tile<D, false>(dv, ap, DY, qb_lo);
+      mul_a_tile<D, false>(dk, dsp, Q, qb_lo);
+    }
+  }
   #pragma unroll
   for (int r = 0; r < 2; r++) {
-    rowsum[r] = quad_sum(rowsum[r]);
-    if (!valid[r]) continue;
-    const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
-    if (t == 0) {
-      a.dm[ri] = -rowsum[r];
-      a.sv.row_wgrad[ri] = rowsum[r];
-    }
-    if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
-      const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
-      const float f = -rowsum[r] * s.scale;
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const uint32_t kv2 = kr[4 * nt + t];
-        dqa[nt][2 * r] += f * bf16_lo(kv2);
-        dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+    const int j = j0 + g + 8 * r;
+    if (j >= s.T) continue;
+    const size_t base = kv_index(s, b, j, hk) * D;
+    #pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int col = 8 * nt + 2 * t;
+      if (a.dv_out) {
+        const float2 x = *(const float2*)&a.dv_acc[base + col];
+        *(uint32_t*)&a.dv_out[base + col] = pack_bf16(dv[nt][2 * r] + x.x, dv[nt][2 * r + 1] + x.y);
       }
-      uint32_t* dst = (uint32_t*)(a.dq + ri * D);
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+      if (a.dk_out) {
+        const float2 x = s.sinks > 0 ? *(const float2*)&a.dk_acc[base + col] : make_float2(0.0f, 0.0f);
+        *(uint32_t*)&a.dk_out[base + col] = pack_bf16(dk[nt][2 * r] + x.x, dk[nt][2 * r + 1] + x.y);
+      }
     }
   }
 }
@@ -3722,7 +3844,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   mark("bwd: query side", stream);
   if (v3 && ba.want_window) {
     set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
-    fast_window_q_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
+    fast_window_q_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
     mark("bwd: window dq", stream);
   }
@@ -3745,8 +3867,18 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     CUDA_LAUNCH_CHECK();
     mark("bwd: dv linear", stream);
   }
-  if (input_grads) {
-    ba.dk_from_du = v3;
+  if (input_grads && v3) {  // the sinks' part into the accumulators first; the window kernel writes dk, dv
+    if (p.sinks > 0) {
+      sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.w, saved, ws.dm, s);
+      CUDA_LAUNCH_CHECK();
+    }
+    ba.dk_out = grads.dk;
+    ba.dv_out = grads.dv;
+    set_max_smem(fast_window_kv_v3_kernel<D>, WinLayout<D>::BYTES);
+    fast_window_kv_v3_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: window dk dv", stream);
+  } else if (input_grads) {
     set_max_smem(fast_window_kv_kernel<D>, WinLayout<D>::BYTES);
     fast_window_kv_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
@@ -3883,8 +4015,10 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     CUDA_LAUNCH_CHECK();
   }
   mark("bwd: delta", stream);
+  // Version 3 (fast path, d = 128) writes dk, dv from its window kernel; dk_acc then holds only the sinks' part.
+  const bool v3_out = hybrid_uses_fast_path(p) && uses_v3(p);
   if (input_grads) {
-    CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
+    if (!v3_out || p.sinks > 0) CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
   }
   if (hybrid_uses_fast_path(p)) {
@@ -3922,7 +4056,7 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     window_grad_kernel<<<p.H, 256, 0, stream>>>(grads.dw, saved.row_wgrad, wts.w, p.B * p.T, p.H);
     CUDA_LAUNCH_CHECK();
   }
-  if (input_grads) {
+  if (input_grads && !v3_out) {
     if (p.sinks > 0) {
       sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, g, wts.w, saved, ws.dm, s);
       CUDA_LAUNCH_CHECK();
