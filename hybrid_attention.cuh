@@ -1188,8 +1188,7 @@ __device__ __forceinline__ void state_update(float* sS, const void* Phi, const v
 }
 // z[f] += sum over the 64 rows of Phi[row][f] * (scal ? scal[row] : 1); thread f of the 128.
 template <bool HALF>
-__device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, int ldp, const float* scal) {
-  const int f = threadIdx.x;
+__device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, int ldp, const float* scal, int f = threadIdx.x) {
   const unsigned short* P = (const unsigned short*)Phi;
   float acc = 0.0f;
   #pragma unroll
@@ -1681,7 +1680,7 @@ template <int D>
 struct SegLayout {
   using TL = Tiles<D>;
   static constexpr size_t X = 0, Y = X + 2 * TL::PT * 2, W = Y + 2 * TL::TILE * 2, PHI = W + TL::WT * 2,
-                          Z = PHI + TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
+                          Z = PHI + 2 * TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
 };
 template <int D, bool KEYS>
 static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
@@ -1738,18 +1737,22 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
     __syncthreads();  // chunk c's tiles are in; chunk c-1's readers of the other buffers and sPhi are done
     if (c + 1 <= c1) load(c + 1, sl ^ 1);
     cp_async_commit();
+    // KEYS: phi_k of chunk c (double-buffered) by warps 0-3, while warps 4-7 convert V and add the previous
+    // chunk's features to z (off the chain that the feature maps and the update form; same order of sums).
+    unsigned short* Pc = (unsigned short*)sPhi + (size_t)((c - c0) & 1) * TL::PT;
     if (KEYS) {
       if (warp < 4) {
         float ph[16][4];
         feature_map_smem<D>(ph, X, warp * 16, sW);
         const int j0 = c * CHUNK + warp * 16;
-        store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
+        store_phi<true>(Pc, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
       } else {
         tile_bf16_to_f16<D>(Y, TL::LDT, 64, tid - 128);
+        if (c > c0) column_sum_update<true>(sZ, (unsigned short*)sPhi + (size_t)((c - 1 - c0) & 1) * TL::PT, TL::LDP, nullptr, tid - 128);
       }
       __syncthreads();
     }
-    const unsigned short* P = (const unsigned short*)(KEYS ? sPhi : (void*)X);
+    const unsigned short* P = KEYS ? Pc : (const unsigned short*)X;
     if (warp < D / 16) {
       #pragma unroll
       for (int kk = 0; kk < 4; kk++) {
@@ -1764,8 +1767,10 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
         }
       }
     }
-    if (tid < NF) column_sum_update<KEYS>(sZ, P, TL::LDP, KEYS ? nullptr : sSc + sl * 64);
+    if (!KEYS && tid < NF) column_sum_update<false>(sZ, P, TL::LDP, sSc + sl * 64);
   }
+  if (KEYS && c0 <= c1 && tid >= SEG_THREADS - NF)  // the last chunk's features
+    column_sum_update<true>(sZ, (unsigned short*)sPhi + (size_t)((c1 - c0) & 1) * TL::PT, TL::LDP, nullptr, tid - (SEG_THREADS - NF));
   __syncthreads();
   const size_t base = (((size_t)b * s.H + h) * a.nseg + seg) * NF;
   if (warp < D / 16) {
@@ -3457,12 +3462,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
   load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
-  float dv[NT][4] = {}, dk[NT][4] = {};
-  #pragma unroll 1
-  for (int hh = 0; hh < s.group; hh++) {
-    const int h = hk * s.group + hh;
-    const float gamma = sigmoidf_(a.wlogit[h]);
-    if (hh > 0) __syncthreads();  // the last head's readers of sQ, sDY, sSt are done
+  auto load_head = [&](int h) {  // query / dy tiles and row statistics of query chunks c, c+1 for head h
     for (int u = 0; u < nq_chunks; u++) {
       const int qc = c + u;
       load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
@@ -3480,17 +3480,33 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
       }
     }
     cp_async_commit();
+  };
+  load_head(hk * s.group);
+  // The feature-map part first, while the first head's tiles arrive (and before dv is live: registers).
+  float dk[NT][4] = {};
+  #pragma unroll 1
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
     mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
-                        a.Wk + (size_t)h * D * 64);  // while the tiles arrive
+                        a.Wk + (size_t)h * D * 64);
+  }
+  float dv[NT][4] = {};
+  #pragma unroll 1
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const float gamma = sigmoidf_(a.wlogit[h]);
+    if (hh > 0) {
+      __syncthreads();  // the last head's readers of sQ, sDY, sSt are done
+      load_head(h);
+    }
     cp_async_wait<0>();
     __syncthreads();
-    #pragma unroll 1
     for (int u = 0; u < nq_chunks; u++) {
       const bf16* Q = sQ + u * TL::TILE;
       const bf16* DY = sDY + u * TL::TILE;
-      const float* st = sSt + u * 5 * 64;
       uint32_t ap[4][4], dsp[4][4];
       const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
+      const float* st = sSt + u * 5 * 64;
       {
         float sc[8][4], dpt[8][4];
         mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
