@@ -40,8 +40,9 @@
 // tf32 mma on the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum
 // phi_k(c-1). K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read
 // the same K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the
-// exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel); T <=
-// 1024 is one segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
+// exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel; it
+// sums half-segments, twice the blocks and half the chain, and the scan adds them up); T <= 1024 is one
+// segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
 // loss: the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the
 // window factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
 // revisits the softmax part.
@@ -82,13 +83,17 @@
 // z (query side) and r (key side) are double-buffered in shared memory. 180-204 registers, no spills, ~210 KB
 // of shared memory.
 // Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k; what they cannot give
-// cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (every query chunk in parallel,
-// 4 warps, 2 blocks an SM): the window's ds from the saved max, its row sums (-dm_i, the window term),
-// dq = du_q Wq^T + ds K / sqrt(d) + dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel: dv = phi_k R
-// contracts over the features, which the key kernel's partition splits across warps, so a second backward
-// walk holds R^T partitioned by head-dim rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T
-// exactly like the forward's numL^T (+ the sliding term); cost: R is accumulated twice. (3)
-// fast_window_kv_kernel (as version 2) adds the window's dk, dv and, here, du_k Wk^T. 180-250 registers.
+// cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (a block per query chunk and kv
+// head, looping over the GQA group's query heads, which share the K/V tiles; 2 blocks an SM): the window's
+// ds from the saved max, its row sums (-dm_i, the window term), dq = du_q Wq^T + ds K / sqrt(d) +
+// dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel: dv = phi_k R contracts over the features, which the
+// key kernel's partition splits across warps, so a second backward walk holds R^T partitioned by head-dim
+// rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T exactly like the forward's numL^T (+ the
+// sliding term), into the fp32 dv accumulator (16-byte atomics over the GQA heads); cost: R is accumulated
+// twice. (3) sink_kv_grad_kernel, then fast_window_kv_v3_kernel: a block per key chunk and kv head loops
+// over the group's query heads, summing the window's dk, dv and du_k Wk^T in registers, adds the
+// accumulators and writes bf16 dk, dv (no atomics, no conversion pass). The window tiles skip the causal
+// tile's 16-row blocks a warp never sees. 180-255 registers; the dk/dv window kernel spills 20 bytes.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
@@ -1672,7 +1677,8 @@ struct SegSumArgs {
 };
 // 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
 // accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
-// read-modify-write; warps 0-3 compute the feature maps. The tiles of chunk c+1 load while chunk c computes
+// read-modify-write; warps 0-3 compute the feature maps (KEYS: double-buffered, so that warps 4-7 add the
+// previous chunk's features to z meanwhile, off the chain of maps and updates). The tiles of chunk c+1 load while chunk c computes
 // (double buffers): waiting for each chunk's tiles right after asking for them left these passes at a third
 // of the forward's time.
 constexpr int SEG_THREADS = 256;
