@@ -29,7 +29,7 @@
 // is O(T d) plus one 128 x d state per thread block (no T x T buffer anywhere).
 //
 // KERNEL VERSIONS. Version 3 (d = 128, the Llama shapes; HYBRID_IMPL_TENSOR or AUTO) runs the forward and the
-// stage-1 backward; version 2 runs d = 64, the full backward's query / key / window kernels at every d, and
+// backward (stage 1 and full; the window dk/dv kernel is shared with version 2); version 2 runs d = 64 and
 // everything under HYBRID_IMPL_TENSOR_V2. Version 2 is described first, version 3 after it.
 //
 // FORWARD, version 2 (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a
@@ -40,8 +40,9 @@
 // tf32 mma on the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum
 // phi_k(c-1). K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read
 // the same K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the
-// exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel); T <=
-// 1024 is one segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
+// exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel; it
+// sums half-segments, twice the blocks and half the chain, and the scan adds them up); T <= 1024 is one
+// segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
 // loss: the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the
 // window factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
 // revisits the softmax part.
@@ -74,14 +75,25 @@
 // phi_q / den and dy): phi_k, dphi_k = V R^T - r (tf32), du_k, and for stage 2 dv = phi_k R, dk = du_k Wk^T.
 // fast_window_kv_kernel (stage 2) is key-centric and stateless: key chunk c against query chunks c and c+1,
 // dk += ds^T q / sqrt(d) (arg-max terms included), dv += A^T g.
-// Stage-1 backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
+// Backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
 // the state in registers partitioned by FEATURES (warp w owns rows [16w, +16) of S or R, 128 x d), because
 // dphi_q = g S^T and dphi_k = V R^T contract over d: dphi^T (features x rows) = S dy^T takes S's C fragments
 // as the tf32 A operand with the forward's permutation (B: one bf16 pair from the row-major dy or V tile),
 // goes to an fp32 shared tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise).
-// z (query side) and r (key side) are double-buffered in shared memory. The full backward (dq, dk, dv, the
-// window) stays on version 2: dv = phi_k R contracts over the features, which this partition splits
-// across warps. 180-204 registers, no spills, ~210 KB of shared memory.
+// z (query side) and r (key side) are double-buffered in shared memory. 180-204 registers, no spills, ~210 KB
+// of shared memory.
+// Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k; what they cannot give
+// cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (a block per query chunk and kv
+// head, looping over the GQA group's query heads, which share the K/V tiles; 2 blocks an SM): the window's
+// ds from the saved max, its row sums (-dm_i, the window term), dq = du_q Wq^T + ds K / sqrt(d) +
+// dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel: dv = phi_k R contracts over the features, which the
+// key kernel's partition splits across warps, so a second backward walk holds R^T partitioned by head-dim
+// rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T exactly like the forward's numL^T (+ the
+// sliding term), into the fp32 dv accumulator (16-byte atomics over the GQA heads); cost: R is accumulated
+// twice. (3) sink_kv_grad_kernel, then fast_window_kv_v3_kernel: a block per key chunk and kv head loops
+// over the group's query heads, summing the window's dk, dv and du_k Wk^T in registers, adds the
+// accumulators and writes bf16 dk, dv (no atomics, no conversion pass). The window tiles skip the causal
+// tile's 16-row blocks a warp never sees. 180-255 registers; the dk/dv window kernel spills 20 bytes.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
@@ -1181,8 +1193,7 @@ __device__ __forceinline__ void state_update(float* sS, const void* Phi, const v
 }
 // z[f] += sum over the 64 rows of Phi[row][f] * (scal ? scal[row] : 1); thread f of the 128.
 template <bool HALF>
-__device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, int ldp, const float* scal) {
-  const int f = threadIdx.x;
+__device__ __forceinline__ void column_sum_update(float* sZ, const void* Phi, int ldp, const float* scal, int f = threadIdx.x) {
   const unsigned short* P = (const unsigned short*)Phi;
   float acc = 0.0f;
   #pragma unroll
@@ -1274,11 +1285,12 @@ __device__ __forceinline__ void pack_c_to_a(uint32_t (&a)[NTILES / 2][4], const 
 }
 // acc (16 x D) += A (16 x 16*NK16 keys, A fragments) . Y (shared tile, B[k][n] = Y[k][n]).
 template <int D, bool HALF, int NK16 = 4>
-__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y) {
+__device__ __forceinline__ void mul_a_tile(float (&acc)[D / 8][4], const uint32_t (&A)[4][4], const void* Y, int kb_lo = 0) {
   #pragma unroll
   for (int kk = 0; kk < NK16; kk++)
     #pragma unroll
     for (int np = 0; np < D / 16; np++) {
+      if (kk < kb_lo) continue;  // A's k-blocks below kb_lo are zero
       uint32_t bb[4];
       frag_b_kn(bb, (const unsigned short*)Y, Tiles<D>::LDT, 16 * kk, 16 * np);
       if (HALF) { mma_f16(acc[2 * np], A[kk], bb[0], bb[1]); mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
@@ -1321,8 +1333,9 @@ __device__ __forceinline__ void mul_x_state_t_smem(float (&acc)[16][4], const bf
     }
   }
 }
+// (n-blocks of 16 below nb_lo are left zero: the causal tile's blocks that a warp's rows never see.)
 template <int D, int NKEYS = 64>
-__device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X, int r0, const bf16* K) {
+__device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X, int r0, const bf16* K, int nb_lo = 0) {
   #pragma unroll
   for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
   #pragma unroll
@@ -1331,6 +1344,7 @@ __device__ __forceinline__ void mul_x_keys_smem(float (&sc)[8][4], const bf16* X
     frag_a(xa, X, Tiles<D>::LDT, r0, 16 * kt);
     #pragma unroll
     for (int np = 0; np < NKEYS / 16; np++) {
+      if (np < nb_lo) continue;
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
       mma_bf16(sc[2 * np], xa, bb[0], bb[1]);
@@ -1663,7 +1677,8 @@ struct SegSumArgs {
 };
 // 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
 // accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
-// read-modify-write; warps 0-3 compute the feature maps. The tiles of chunk c+1 load while chunk c computes
+// read-modify-write; warps 0-3 compute the feature maps (KEYS: double-buffered, so that warps 4-7 add the
+// previous chunk's features to z meanwhile, off the chain of maps and updates). The tiles of chunk c+1 load while chunk c computes
 // (double buffers): waiting for each chunk's tiles right after asking for them left these passes at a third
 // of the forward's time.
 constexpr int SEG_THREADS = 256;
@@ -1671,7 +1686,7 @@ template <int D>
 struct SegLayout {
   using TL = Tiles<D>;
   static constexpr size_t X = 0, Y = X + 2 * TL::PT * 2, W = Y + 2 * TL::TILE * 2, PHI = W + TL::WT * 2,
-                          Z = PHI + TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
+                          Z = PHI + 2 * TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
 };
 template <int D, bool KEYS>
 static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
@@ -1728,18 +1743,22 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
     __syncthreads();  // chunk c's tiles are in; chunk c-1's readers of the other buffers and sPhi are done
     if (c + 1 <= c1) load(c + 1, sl ^ 1);
     cp_async_commit();
+    // KEYS: phi_k of chunk c (double-buffered) by warps 0-3, while warps 4-7 convert V and add the previous
+    // chunk's features to z (off the chain that the feature maps and the update form; same order of sums).
+    unsigned short* Pc = (unsigned short*)sPhi + (size_t)((c - c0) & 1) * TL::PT;
     if (KEYS) {
       if (warp < 4) {
         float ph[16][4];
         feature_map_smem<D>(ph, X, warp * 16, sW);
         const int j0 = c * CHUNK + warp * 16;
-        store_phi<true>(sPhi, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
+        store_phi<true>(Pc, TL::LDP, warp * 16, ph, j0 + g >= s.sinks && j0 + g < s.T, j0 + g + 8 >= s.sinks && j0 + g + 8 < s.T);
       } else {
         tile_bf16_to_f16<D>(Y, TL::LDT, 64, tid - 128);
+        if (c > c0) column_sum_update<true>(sZ, (unsigned short*)sPhi + (size_t)((c - 1 - c0) & 1) * TL::PT, TL::LDP, nullptr, tid - 128);
       }
       __syncthreads();
     }
-    const unsigned short* P = (const unsigned short*)(KEYS ? sPhi : (void*)X);
+    const unsigned short* P = KEYS ? Pc : (const unsigned short*)X;
     if (warp < D / 16) {
       #pragma unroll
       for (int kk = 0; kk < 4; kk++) {
@@ -1754,8 +1773,10 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
         }
       }
     }
-    if (tid < NF) column_sum_update<KEYS>(sZ, P, TL::LDP, KEYS ? nullptr : sSc + sl * 64);
+    if (!KEYS && tid < NF) column_sum_update<false>(sZ, P, TL::LDP, sSc + sl * 64);
   }
+  if (KEYS && c0 <= c1 && tid >= SEG_THREADS - NF)  // the last chunk's features
+    column_sum_update<true>(sZ, (unsigned short*)sPhi + (size_t)((c1 - c0) & 1) * TL::PT, TL::LDP, nullptr, tid - (SEG_THREADS - NF));
   __syncthreads();
   const size_t base = (((size_t)b * s.H + h) * a.nseg + seg) * NF;
   if (warp < D / 16) {
@@ -1769,21 +1790,27 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
   }
   if (tid < NF) a.segZ[base + tid] = sZ[tid];
 }
-// Exclusive prefix over segments, in place: FORWARD: segment s gets the sum of segments < s; otherwise
-// the sum of segments > s. One thread per (b, h, element); a fixed order (deterministic).
+// Exclusive prefix over segments from the sub-segment sums (split sub-segments a segment): FORWARD: segment s
+// gets the sum of segments < s; otherwise the sum of segments > s. One thread per (b, h, element); a fixed
+// order (deterministic). The sub-segment a pass leaves unwritten (the last for FORWARD, the first otherwise)
+// belongs to the segment that is summed last, so it is never read.
 template <bool FORWARD>
-static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, int BH, int nseg, int D) {
+static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, const float* __restrict__ subS,
+                                           const float* __restrict__ subZ, int BH, int nseg, int nsub, int split, int D) {
   const size_t per = (size_t)NF * (D + 1);
   const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= (size_t)BH * per) return;
   const size_t bh = idx / per, el = idx % per;
+  const bool isS = el < (size_t)NF * D;
+  const size_t ez = el - (size_t)NF * D;
   float acc = 0.0f;
   for (int n = 0; n < nseg; n++) {
     const int sg = FORWARD ? n : nseg - 1 - n;
-    float* p = el < (size_t)NF * D ? &segS[((bh * nseg + sg) * NF) * D + el] : &segZ[(bh * nseg + sg) * NF + (el - (size_t)NF * D)];
-    const float x = *p;
-    *p = acc;
-    acc += x;
+    if (isS) segS[(bh * nseg + sg) * NF * D + el] = acc;
+    else segZ[(bh * nseg + sg) * NF + ez] = acc;
+    if (n + 1 < nseg)
+      for (int u = sg * split; u < min(nsub, (sg + 1) * split); u++)
+        acc += isS ? subS[(bh * nsub + u) * NF * D + el] : subZ[(bh * nsub + u) * NF + ez];
   }
 }
 // ---- fast backward ----
@@ -1796,6 +1823,7 @@ struct FastBwdArgs {
   bool want_window, want_input_grads;
   Shape s;
   int seg_chunks;
+  bf16 *dk_out, *dv_out;  // version 3: the window dk / dv kernel writes the outputs
 };
 template <int D>
 struct BwdQLayout {
@@ -1807,36 +1835,40 @@ struct BwdQLayout {
 };
 
 // Window gradient of one key tile for a warp's 16 query rows: ds = A (g.v - delta), its row sums, and
-// dq += ds K / sqrt(d) when want_dq.
+// dq += ds K / sqrt(d) when want_dq. Only the 16-key blocks [0, nkb) are formed (the causal tile: a warp's
+// rows see no key past its last row, so the blocks beyond are all masked and skipped).
 template <int D, int NKEYS, class MASK>
 __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (&rowsum)[2], const bf16* sQ, int row0,
                                                  const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V,
                                                  const float (&m)[2], const float (&inv)[2], const float (&delta)[2],
-                                                 float gamma, float scale, bool want_dq, MASK mask) {
+                                                 float gamma, float scale, bool want_dq, MASK mask, int nkb = NKEYS / 16) {
   constexpr int nkeys = NKEYS;
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
   float sc[8][4] = {};
+  float dp[8][4] = {};
   #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     uint32_t qa[4];
     frag_a(qa, sQ, Tiles<D>::LDT, row0, 16 * kt);
     #pragma unroll
     for (int np = 0; np < nkeys / 16; np++) {
+      if (np >= nkb) break;
       uint32_t bb[4];
       frag_b_nk(bb, K, Tiles<D>::LDT, 16 * np, 16 * kt);
       mma_bf16(sc[2 * np], qa, bb[0], bb[1]);
       mma_bf16(sc[2 * np + 1], qa, bb[2], bb[3]);
+      frag_b_nk(bb, V, Tiles<D>::LDT, 16 * np, 16 * kt);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
+      mma_bf16(dp[2 * np], dyf[kt], bb[0], bb[1]);
+      mma_bf16(dp[2 * np + 1], dyf[kt], bb[2], bb[3]);
     }
   }
-  float dp[8][4];
-  mul_x_keys<D, NKEYS>(dp, dyf, V);  // dP = dy V^T (V read like K: B[k][n] = V[n][k])
   #pragma unroll
   for (int nt = 0; nt < nkeys / 8; nt++)
     #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
       float ds = 0.0f;
-      if (mask(kl, row0 + g + 8 * r)) {
+      if (nt < 2 * nkb && mask(kl, row0 + g + 8 * r)) {
         // p rounded to f16 as the forward multiplied it, so that sum_j ds_ij (dw, and the max's gradient)
         // is formed from the same weights as the forward's output, not a 2^-11 neighbour of them
         const float p = __half2float(__float2half(exp2f((sc[nt][e] * scale - m[r]) * LOG2E)));
@@ -1848,7 +1880,17 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
   if (want_dq) {
     uint32_t da[4][4];
     pack_c_to_a<false, 8>(da, sc);
-    mul_a_tile<D, false, NKEYS / 16>(dqa, da, K);
+    #pragma unroll
+    for (int kk = 0; kk < nkeys / 16; kk++) {
+      if (kk >= nkb) break;
+      #pragma unroll
+      for (int np = 0; np < D / 16; np++) {
+        uint32_t bb[4];
+        frag_b_kn(bb, K, Tiles<D>::LDT, 16 * kk, 16 * np);
+        mma_bf16(dqa[2 * np], da[kk], bb[0], bb[1]);
+        mma_bf16(dqa[2 * np + 1], da[kk], bb[2], bb[3]);
+      }
+    }
   }
 }
 
@@ -2030,7 +2072,7 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(Fast
                             [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
       }
       window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, m, inv, delta, gamma, s.scale, want_dq,
-                          [&](int kl, int rl) { return kl <= rl; });
+                          [&](int kl, int rl) { return kl <= rl; }, warp + 1);
       #pragma unroll
       for (int r = 0; r < 2; r++) {
         rowsum[r] = quad_sum(rowsum[r]);
@@ -2285,6 +2327,41 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBw
   cp_async_wait<0>();
 }
 
+// acc (16 x D) += du (rows [r0, r0+16) of a global 16-bit x 64 matrix) . W^T, W (D x 64) read from global
+// (L1-resident: every warp of the block reads the same 16 KB): the feature-map part of dq or dk.
+template <int D>
+__device__ __forceinline__ void mul_du_weights_t(float (&acc)[D / 8][4], const bf16* du, size_t row_stride, int r0, int n_valid,
+                                                 const bf16* W) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  uint32_t uf[4][4];
+  frag_a_global<64>(uf, du, row_stride, r0, n_valid);
+  const uint32_t* w = (const uint32_t*)W;
+  #pragma unroll
+  for (int nt = 0; nt < D / 8; nt++) {
+    const uint32_t* wr = w + (8 * nt + g) * 32;  // B[k][n] = W[n][k]: row d = 8 nt + g, features 16 kk + 2t (+8)
+    #pragma unroll
+    for (int kk = 0; kk < 4; kk++) mma_bf16(acc[nt], uf[kk], wr[8 * kk + t], wr[8 * kk + 4 + t]);
+  }
+}
+
+// dst rows [j0, j0+16) of (B, T, Hkv, D) fp32 += a warp's C-layout accumulator (16 x 8 NT): one 16-byte
+// atomic a lane per n-tile (lane pairs swap halves so that each holds 4 consecutive columns of one row).
+// The fp32 reductions over GQA heads are bound by the number of atomic operations, not their bytes.
+template <int NT>
+__device__ __forceinline__ void add_c_tile_atomic(float* dst, const float (&acc)[NT][4], const Shape& s, int b, int hk, int j0, int D) {
+  const int l = lane_id(), g = l >> 2, t = l & 3, odd = t & 1;
+  const int row = j0 + g + 8 * odd;  // even t: row g, odd t: row g + 8
+  float* p = dst + kv_index(s, b, row < s.T ? row : 0, hk) * D + 2 * (t & 2);
+  #pragma unroll
+  for (int nt = 0; nt < NT; nt++) {
+    // even t keeps its row-g pair and receives the partner's; odd t keeps its row-(g+8) pair
+    const float s0 = odd ? acc[nt][0] : acc[nt][2], s1 = odd ? acc[nt][1] : acc[nt][3];
+    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    const float4 v = odd ? make_float4(r0, r1, acc[nt][2], acc[nt][3]) : make_float4(acc[nt][0], acc[nt][1], r0, r1);
+    if (row < s.T) atomicAdd((float4*)(p + 8 * nt), v);
+  }
+}
+
 // Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
 // key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
 // ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
@@ -2332,11 +2409,10 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
     }
   }
   cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
   float dv[NT][4] = {}, dk[NT][4] = {};
+  cp_async_wait<0>();
+  __syncthreads();
   for (int u = 0; u < nq_chunks; u++) {
     const bf16* Q = sQ + u * TL::TILE;
     const bf16* DY = sDY + u * TL::TILE;
@@ -2344,8 +2420,9 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
     uint32_t ap[4][4], dsp[4][4];
     {
       float sc[8][4], dpt[8][4];
-      mul_x_keys_smem<D>(sc, sK, row0, Q);    // s^T = K q^T (keys x queries)
-      mul_x_keys_smem<D>(dpt, sV, row0, DY);  // dP^T = V dy^T
+      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
+      mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
+      mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         #pragma unroll
@@ -2367,24 +2444,11 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
-    mul_a_tile<D, false>(dv, ap, DY);
-    mul_a_tile<D, false>(dk, dsp, Q);
+    mul_a_tile<D, false>(dv, ap, DY, u == 0 ? warp : 0);
+    mul_a_tile<D, false>(dk, dsp, Q, u == 0 ? warp : 0);
   }
-  #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const int j = j0 + g + 8 * r;
-    if (j >= s.T) continue;
-    float* dvd = a.dv_acc + kv_index(s, b, j, hk) * D;
-    float* dkd = a.dk_acc + kv_index(s, b, j, hk) * D;
-    #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-      #pragma unroll
-      for (int e = 0; e < 2; e++) {
-        const int col = 8 * nt + 2 * t + e;
-        atomicAdd(&dvd[col], dv[nt][2 * r + e]);
-        atomicAdd(&dkd[col], dk[nt][2 * r + e]);
-      }
-  }
+  add_c_tile_atomic<NT>(a.dv_acc, dv, s, b, hk, j0, D);
+  add_c_tile_atomic<NT>(a.dk_acc, dk, s, b, hk, j0, D);
 }
 
 // dW_h (d x 64) partial sums over row splits: part[z][split][h] = sum x^T du over the split's rows of
@@ -2486,8 +2550,8 @@ static __global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float*
 // the B operand read with the same permutation (one 32-bit load of a 16-bit pair from a row-major tile).
 // The state's products therefore come out transposed (state rows x 64 chunk rows) and go through a
 // shared fp32 tile to the warps that own the chunk rows. Everything else in a chunk (feature maps,
-// softmax window, output, feature-map backward) is split over the 8 warps. Stage-1 backward only (no dq,
-// dk, dv, no window recomputation); the full backward keeps the version-2 kernels.
+// softmax window, output, feature-map backward) is split over the 8 warps. The full backward's dq, dk, dv
+// come from separate kernels (the header comment: "Full backward, version 3").
 constexpr int V3_THREADS = 256;
 constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile: conflict-free for the
                                  // transposed scalar stores (rows 2t, cols g) and the float2 row reads
@@ -3259,10 +3323,391 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   cp_async_wait<0>();
 }
 
+// ---- full backward, version 3: the window part of dq (stateless) ----
+// One block of 4 warps per (query chunk c, kv head, b), warp w owning query rows [16w, +16); it loops over
+// the query heads of the GQA group, which share the key / value tiles (loaded once), with the next head's
+// query tile arriving while this one computes. No state: every chunk runs in parallel (two blocks an SM).
+// From the saved max: the probabilities of the softmax tiles (the sinks from chunk 2 on, chunk c-1, the
+// causal part of chunk c), ds = A (g.v - delta), its row sums (-dm_i, for the max's gradient on the key
+// side, and the window factor's term), and
+// dq = du_q Wq^T (the feature-map part; du_q from the query-side kernel) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
+template <int D>
+struct WinQLayout {
+  using TL = Tiles<D>;
+  static constexpr size_t Q = 0, K = Q + 2 * TL::TILE * 2, V = K + 2 * TL::TILE * 2, SK = V + 2 * TL::TILE * 2,
+                          SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
+};
+template <int D>
+static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = WinQLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT, KT = TL::KT;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);  // [2]: by head parity
+  bf16* sK = (bf16*)(smem_raw + LY::K);  // slot 0: chunk c-1, slot 1: chunk c
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sSK = (bf16*)(smem_raw + LY::SK);
+  bf16* sSV = (bf16*)(smem_raw + LY::SV);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
+  const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
+  auto load_q = [&](int hh) {
+    load_rows_async<D>(sQ + (hh & 1) * TL::TILE, LDT, a.q + row_index(s, b, c * CHUNK, hk * s.group + hh) * D, qstride, 64,
+                       rows_in(c));
+  };
+  load_q(0);
+  for (int u = has_prev ? 0 : 1; u < 2; u++) {
+    const int kc = c - 1 + u;
+    load_rows_async<D>(sK + u * TL::TILE, LDT, kb + (size_t)kc * CHUNK * kstride, kstride, 64, rows_in(kc));
+    load_rows_async<D>(sV + u * TL::TILE, LDT, vb + (size_t)kc * CHUNK * kstride, kstride, 64, rows_in(kc));
+  }
+  if (sink_tile) {
+    load_rows_async<D>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
+  }
+  cp_async_commit();
+  const int row0 = 16 * warp, i0 = c * CHUNK + row0;
+  const bool want_dq = a.dq != nullptr;
+
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const bool more = hh + 1 < s.group;
+    if (more) load_q(hh + 1);  // its buffer's last readers (head hh-1) passed the barrier below
+    cp_async_commit();
+    const float gamma = sigmoidf_(a.wlogit[h]);
+    const bf16* Q = sQ + (hh & 1) * TL::TILE;
+    // While the tiles arrive: row statistics, dy, and the feature-map part du_q Wq^T.
+    float inv[2], delta[2], m[2];
+    int arg[2];
+    bool valid[2];
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int i = i0 + g + 8 * r;
+      valid[r] = i < s.T;
+      const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
+      inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
+      delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
+      m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
+      arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
+    }
+    uint32_t dyf[KT][4];
+    frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
+    float dqa[NT][4] = {};
+    if (want_dq) mul_du_weights_t<D>(dqa, a.du_q + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                                     a.Wq + (size_t)h * D * 64);
+    cp_async_wait<1>();  // everything but the next head's query tile
+    __syncthreads();
+
+    float rowsum[2] = {0.0f, 0.0f};
+    if (sink_tile)
+      window_grad_tile<D, 16>(dqa, rowsum, Q, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
+                              [&](int kl, int) { return kl < s.sinks; });
+    if (has_prev) {
+      const int key0 = (c - 1) * CHUNK;
+      window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK, sV, m, inv, delta, gamma, s.scale, want_dq,
+                              [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
+    }
+    window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
+                            [&](int kl, int rl) { return kl <= rl; }, warp + 1);
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      rowsum[r] = quad_sum(rowsum[r]);
+      if (!valid[r]) continue;
+      const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
+      if (t == 0) {
+        a.dm[ri] = -rowsum[r];
+        a.sv.row_wgrad[ri] = rowsum[r];
+      }
+      if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
+        const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
+        const float f = -rowsum[r] * s.scale;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const uint32_t kv2 = kr[4 * nt + t];
+          dqa[nt][2 * r] += f * bf16_lo(kv2);
+          dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+        }
+        uint32_t* dst = (uint32_t*)(a.dq + ri * D);
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+      }
+    }
+    __syncthreads();  // this head's query tile is no longer read
+  }
+}
+
+// ---- full backward, version 3: the window part of dk, dv, and the outputs ----
+// One block of 4 warps per (key chunk c, kv head, b), warp w owning key rows [16w, +16). It loops over the
+// query heads of the GQA group, so dk and dv are summed in registers, not by atomics: per head the window
+// part (query chunks c and c+1, as fast_window_kv_kernel) and the feature-map part du_k Wk^T. Then
+// dk += the sinks' part, dv += the linear part and the sinks' (fp32 accumulators, added earlier by the dv
+// pass and sink_kv_grad_kernel), and both go out as bf16.
+template <int D>
+static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBwdArgs a) {
+  using TL = Tiles<D>;
+  using LY = WinLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
+  load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  const int row0 = warp * 16, j0 = c * CHUNK + row0;
+  auto load_head = [&](int h) {  // query / dy tiles and row statistics of query chunks c, c+1 for head h
+    for (int u = 0; u < nq_chunks; u++) {
+      const int qc = c + u;
+      load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+      load_rows_async<D>(sDY + u * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+      if (tid < 64) {
+        const int i = qc * CHUNK + tid;
+        const bool ok = i < s.T;
+        const size_t ri = row_index(s, b, ok ? i : 0, h);
+        float* st = sSt + u * 5 * 64;
+        st[tid] = ok ? a.sv.row_max[ri] : 0.0f;
+        st[64 + tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
+        st[128 + tid] = ok ? a.sv.row_delta[ri] : 0.0f;
+        st[192 + tid] = ok ? a.dm[ri] : 0.0f;
+        st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
+      }
+    }
+    cp_async_commit();
+  };
+  load_head(hk * s.group);
+  // The feature-map part first, while the first head's tiles arrive (and before dv is live: registers).
+  float dk[NT][4] = {};
+  #pragma unroll 1
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
+                        a.Wk + (size_t)h * D * 64);
+  }
+  float dv[NT][4] = {};
+  #pragma unroll 1
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const float gamma = sigmoidf_(a.wlogit[h]);
+    if (hh > 0) {
+      __syncthreads();  // the last head's readers of sQ, sDY, sSt are done
+      load_head(h);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int u = 0; u < nq_chunks; u++) {
+      const bf16* Q = sQ + u * TL::TILE;
+      const bf16* DY = sDY + u * TL::TILE;
+      uint32_t ap[4][4], dsp[4][4];
+      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
+      const float* st = sSt + u * 5 * 64;
+      {
+        float sc[8][4], dpt[8][4];
+        mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
+        mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
+            bool win;
+            if (u == 0) win = kl <= ql;
+            else win = !sliding || ql < kl || j < s.sinks;
+            win = win && j < s.T && st[64 + ql] != 0.0f;  // a real key and a real query
+            float A = 0.0f, ds = 0.0f;
+            if (win) {
+              A = gamma * exp2f((sc[nt][e] * s.scale - st[ql]) * LOG2E);
+              ds = A * (dpt[nt][e] * st[64 + ql] - st[128 + ql]);
+              if (__float_as_int(st[256 + ql]) == j) ds += st[192 + ql];
+            }
+            sc[nt][e] = A * st[64 + ql];  // A^T / den: dv = sum_i A_ij dy_i / den_i
+            dpt[nt][e] = ds * s.scale;
+          }
+        pack_c_to_a<false, 8>(ap, sc);
+        pack_c_to_a<false, 8>(dsp, dpt);
+      }
+      mul_a_tile<D, false>(dv, ap, DY, qb_lo);
+      mul_a_tile<D, false>(dk, dsp, Q, qb_lo);
+    }
+  }
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int j = j0 + g + 8 * r;
+    if (j >= s.T) continue;
+    const size_t base = kv_index(s, b, j, hk) * D;
+    #pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+      const int col = 8 * nt + 2 * t;
+      if (a.dv_out) {
+        const float2 x = *(const float2*)&a.dv_acc[base + col];
+        *(uint32_t*)&a.dv_out[base + col] = pack_bf16(dv[nt][2 * r] + x.x, dv[nt][2 * r + 1] + x.y);
+      }
+      if (a.dk_out) {
+        const float2 x = s.sinks > 0 ? *(const float2*)&a.dk_acc[base + col] : make_float2(0.0f, 0.0f);
+        *(uint32_t*)&a.dk_out[base + col] = pack_bf16(dk[nt][2 * r] + x.x, dk[nt][2 * r + 1] + x.y);
+      }
+    }
+  }
+}
+
+// ---- full backward, version 3: the linear part of dv ----
+// dv_j = R_c^T phi_k(k_j) contracts over the features, which the key-side kernel's partition (features
+// across warps) splits; so this kernel walks the key chunks backwards once more with R^T (d x 128) in
+// registers partitioned by HEAD-DIM rows (warp w owns d-rows [16w, +16), as the forward holds S^T), and
+// dv^T = R^T phi_k^T is the forward's numL^T product. Per key chunk c: (A) warps 0-3 phi_k(c) (bf16, sinks
+// and rows past T zeroed); (B) each warp its 16 d-rows of dv^T (to a shared fp32 tile), then R^T +=
+// dy^T (phi_q / den) of query chunk c+1; (C) sliding: the queries of chunk c+1 at least w ahead,
+// dv += (phi_k (phi_q / den)^T, masked) dy; (D) the tile into the fp32 dv accumulator (atomics: GQA heads).
+struct BwdDv3Layout {
+  using TL = Tiles<128>;
+  static constexpr size_t K = 0, PQ = K + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2, WK = DY + 2 * TL::TILE * 2,
+                          PK = WK + TL::WT * 2, DV = PK + TL::PT * 2, BYTES = DV + 64 * V3_LDN * 4;
+};
+template <bool SLIDING>
+static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kernel(FastBwdArgs a) {
+  constexpr int D = 128;
+  using TL = Tiles<D>;
+  using LY = BwdDv3Layout;
+  constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
+  const Shape& s = a.s;
+  const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sPQ = (bf16*)(smem_raw + LY::PQ);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  bf16* sWk = (bf16*)(smem_raw + LY::WK);
+  bf16* sPK = (bf16*)(smem_raw + LY::PK);
+  float* sDV = (float*)(smem_raw + LY::DV);  // dv (key, d) of the current chunk
+
+  const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
+  const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
+  auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
+  auto load_iter = [&](int c) {  // K_c, and phi_q / den, dy of query chunk c+1 (zeros if none)
+    const int sl = c & 1;
+    load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
+    const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;
+    load_rows_async_v3<NF>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async_v3<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+  };
+  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_iter(c_end - 1);
+  cp_async_commit();
+  float st[16][4];  // R^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
+  {
+    const size_t base = (((size_t)b * s.H + h) * gridDim.x + seg) * NF;
+    const bool last = seg == (int)gridDim.x - 1;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int f = 8 * j + 2 * t + (e & 1), dr = 16 * warp + g + 8 * (e >> 1);
+        st[j][e] = last ? 0.0f : a.segR[(base + f) * D + dr];
+      }
+  }
+
+  for (int c = c_end - 1; c >= c_begin; c--) {
+    const int sl = c & 1;
+    const bf16* Kc = sK + sl * TL::TILE;
+    const bf16* PQc = sPQ + sl * TL::PT;
+    const bf16* DYc = sDY + sl * TL::TILE;
+    const int j0 = c * CHUNK;
+    const bool has_q = c + 1 < s.NC, has_state = c + 2 < s.NC, any = has_state || (SLIDING && has_q);
+    cp_async_wait<0>();
+    __syncthreads();  // this chunk's tiles are in; the last chunk's readers (sPK, sDV) are done
+    if (c - 1 >= c_begin) load_iter(c - 1);
+    cp_async_commit();
+
+    // (A) phi_k of this chunk (row groups, warps 0-3)
+    if (any) {
+      if (hf == 0) {
+        float ph[16][4];
+        feature_map_smem<D>(ph, Kc, row0, sWk);
+        const int jr = j0 + row0 + g;
+        store_phi<false>(sPK, LDP, row0, ph, jr >= s.sinks && jr < s.T, jr + 8 >= s.sinks && jr + 8 < s.T);
+      }
+      __syncthreads();  // sPK complete
+      // (B) dv^T = R^T phi_k^T for this warp's d-rows (transposed into sDV: key rows)
+      float dvt[8][4];
+      if (has_state) {
+        state_times_tile_t<false>(dvt, st, sPK, LDP);
+      } else {
+        #pragma unroll
+        for (int n = 0; n < 8; n++) dvt[n][0] = dvt[n][1] = dvt[n][2] = dvt[n][3] = 0.0f;
+      }
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDV[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = dvt[n][e];
+    }
+    // R^T += dy^T (phi_q / den) of query chunk c+1 (after (B): dv of chunk c uses query chunks >= c+2)
+    if (has_q) state_accumulate<false>(st, DYc, LDT, 16 * warp, PQc, LDP);
+    if (!any) continue;
+    // (C) sliding: key rows of row group rg, d-columns [64 hf, +64)
+    if (SLIDING && has_q) {
+      uint32_t pa[4][4];
+      {
+        float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries)
+        #pragma unroll
+        for (int k = 0; k < 8; k++) {
+          uint32_t pk[4];
+          frag_a(pk, sPK, LDP, row0, 16 * k);
+          #pragma unroll
+          for (int np = 0; np < 4; np++) {
+            uint32_t bb[4];
+            frag_b_nk(bb, PQc, LDP, 16 * np, 16 * k);
+            mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
+            mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
+          }
+        }
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+          #pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
+        pack_c_to_a<false, 8>(pa, bst);
+      }
+      float acc[8][4] = {};
+      mul_a_tile_half<false>(acc, pa, DYc, LDT, 64 * hf);
+      __syncthreads();  // sDV's transposed stores are done
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++) sDV[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
+    }
+    __syncthreads();  // sDV complete
+    // (D) into the fp32 accumulator, 4 columns a thread (coalesced)
+    const int nk = rows_in(c);
+    for (int idx = tid; idx < nk * (D / 4); idx += V3_THREADS) {
+      const int r = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      atomicAdd((float4*)(a.dv_acc + kv_index(s, b, j0 + r, hk) * D + c4), *(const float4*)&sDV[r * LDN + c4]);
+    }
+  }
+  cp_async_wait<0>();
+}
+
 // ---- workspace layout --------------------------------------------------------------------------
 struct Workspace {
   float *phiq, *phik, *St, *zt;  // generic path: (B,T,H,2f) x2, per-chunk states (B,H,NC,2f,d), (B,H,NC,2f)
   float *segS, *segZ;            // fast path: per-segment states (B,H,nseg,128,d), (B,H,nseg,128)
+  float *subS, *subZ;            // fast path: per-sub-segment sums (B,H,nsub,128,d), (B,H,nsub,128)
   float *row_sq, *dm;            // (B,T,H)
   bf16 *du_q, *du_k;             // (B,T,H,f)
   float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
@@ -3272,6 +3717,11 @@ struct Workspace {
 };
 inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
 inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
+// The segment-sum passes sum SUB-segments of seg_chunks / split chunks (the scan adds them up per segment):
+// a pass block is a serial chain of chunks at one block an SM, and 4K tokens give only 192 segment blocks
+// for 132 SMs (two waves, the second half empty); split 2 doubles the blocks and halves each chain.
+inline int seg_split(const HybridAttnParams& p) { return seg_chunks(p) % 2 == 0 && seg_chunks(p) >= 8 ? 2 : 1; }
+inline int num_subsegments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p) / seg_split(p)); }
 // Floats of the per-segment state prefixes a forward keeps for its backward (none with one segment).
 inline size_t seg_state_floats(const HybridAttnParams& p) {
   const size_t nseg = num_segments(p);
@@ -3301,6 +3751,9 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
     const size_t nseg = num_segments(p);
     w.segS = (float*)take((size_t)p.B * p.H * nseg * 128 * p.d * 4);
     w.segZ = (float*)take((size_t)p.B * p.H * nseg * 128 * 4);
+    const size_t nsub = nseg > 1 ? num_subsegments(p) : 0;
+    w.subS = (float*)take((size_t)p.B * p.H * nsub * 128 * p.d * 4);
+    w.subZ = (float*)take((size_t)p.B * p.H * nsub * 128 * 4);
     w.dW_part = (float*)take((size_t)2 * WG_SPLITS * p.H * p.d * p.f * 4);
     w.phiq_bf = (bf16*)take(rows * 128 * 2);
   }
@@ -3326,21 +3779,22 @@ inline void mark(const char* stage, cudaStream_t stream) {
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
-                              const HybridAttnSaved& saved, float* segS, float* segZ, cudaStream_t stream) {
-  const int G = seg_chunks(p), nseg = num_segments(p);
+                              const HybridAttnSaved& saved, const Workspace& ws, float* segS, float* segZ, cudaStream_t stream) {
+  const int G = seg_chunks(p), nseg = num_segments(p), split = seg_split(p), nsub = num_subsegments(p);
   if (nseg <= 1) return;
-  const dim3 grid(nseg, p.H, p.B);
-  SegSumArgs sa{segS, segZ, x, y, W, saved.row_den, saved.row_delta, s, G, nseg};
+  const dim3 grid(nsub, p.H, p.B);
+  SegSumArgs sa{ws.subS, ws.subZ, x, y, W, saved.row_den, saved.row_delta, s, G / split, nsub};
+  const int scan_blocks = ceil_div((size_t)p.B * p.H * NF * (D + 1), 256);
   if (keys) {
     set_max_smem(segment_sum_kernel<D, true>, SegLayout<D>::BYTES);
     segment_sum_kernel<D, true><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<true><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<true><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   } else {
     set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES);
     segment_sum_kernel<D, false><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
-    segment_scan_kernel<false><<<ceil_div((size_t)p.B * p.H * NF * (D + 1), 256), 256, 0, stream>>>(segS, segZ, p.B * p.H, nseg, D);
+    segment_scan_kernel<false><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   }
   CUDA_LAUNCH_CHECK();
 }
@@ -3361,7 +3815,7 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
                            const HybridStage1Loss* loss, cudaStream_t stream) {
   float *segS, *segZ;
   state_prefix_buffers(p, saved, ws, &segS, &segZ);
-  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);
+  fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, segS, segZ, stream);
   mark("fwd: state prefixes", stream);
   const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
   FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, segS, segZ, saved, ws.row_sq,
@@ -3394,10 +3848,11 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   FastBwdArgs ba{grads.dq, ws.phiq_bf, ws.du_q, ws.du_k, ws.dm, ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.Wq, wts.Wk,
                  ws.phiq_bf, wts.w, segS, segZ, ws.segS, ws.segZ, saved, input_grads || (!fused && grads.dw != nullptr),
                  input_grads, s, seg_chunks(p)};
-  if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, segS, segZ, stream);  // else: the forward's
+  if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, segS, segZ, stream);  // else: the forward's
   mark("bwd: S prefixes", stream);
-  // Version 3 covers the stage-1 backward (feature-map gradients only); anything more takes version 2.
-  const bool v3 = uses_v3(p) && !ba.want_window && !input_grads;
+  // Version 3 (d = 128): the state kernels form the feature-map gradients (du_q, du_k) and, for the full
+  // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
+  const bool v3 = uses_v3(p);
   const bool sliding = p.geometry == HYBRID_SLIDING;
   if (v3) {
     auto kq = sliding ? fast_backward_query_v3_kernel<true> : fast_backward_query_v3_kernel<false>;
@@ -3409,7 +3864,13 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: query side", stream);
-  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws.segS, ws.segZ, stream);
+  if (v3 && ba.want_window) {
+    set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
+    fast_window_q_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: window dq", stream);
+  }
+  fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
   if (v3) {
     auto kk = sliding ? fast_backward_key_v3_kernel<true> : fast_backward_key_v3_kernel<false>;
@@ -3421,7 +3882,25 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: key side", stream);
-  if (input_grads) {
+  if (v3 && input_grads) {
+    auto kv = sliding ? fast_backward_dv_v3_kernel<true> : fast_backward_dv_v3_kernel<false>;
+    set_max_smem(kv, BwdDv3Layout::BYTES);
+    kv<<<grid, V3_THREADS, BwdDv3Layout::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: dv linear", stream);
+  }
+  if (input_grads && v3) {  // the sinks' part into the accumulators first; the window kernel writes dk, dv
+    if (p.sinks > 0) {
+      sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.w, saved, ws.dm, s);
+      CUDA_LAUNCH_CHECK();
+    }
+    ba.dk_out = grads.dk;
+    ba.dv_out = grads.dv;
+    set_max_smem(fast_window_kv_v3_kernel<D>, WinLayout<D>::BYTES);
+    fast_window_kv_v3_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
+    CUDA_LAUNCH_CHECK();
+    mark("bwd: window dk dv", stream);
+  } else if (input_grads) {
     set_max_smem(fast_window_kv_kernel<D>, WinLayout<D>::BYTES);
     fast_window_kv_kernel<D><<<dim3(s.NC, p.H, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
@@ -3558,8 +4037,10 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     CUDA_LAUNCH_CHECK();
   }
   mark("bwd: delta", stream);
+  // Version 3 (fast path, d = 128) writes dk, dv from its window kernel; dk_acc then holds only the sinks' part.
+  const bool v3_out = hybrid_uses_fast_path(p) && uses_v3(p);
   if (input_grads) {
-    CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
+    if (!v3_out || p.sinks > 0) CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
   }
   if (hybrid_uses_fast_path(p)) {
@@ -3597,7 +4078,7 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     window_grad_kernel<<<p.H, 256, 0, stream>>>(grads.dw, saved.row_wgrad, wts.w, p.B * p.T, p.H);
     CUDA_LAUNCH_CHECK();
   }
-  if (input_grads) {
+  if (input_grads && !v3_out) {
     if (p.sinks > 0) {
       sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, g, wts.w, saved, ws.dm, s);
       CUDA_LAUNCH_CHECK();

@@ -13,9 +13,10 @@ version 1: plain CUDA-core kernels (HYBRID_IMPL_PLAIN): feature maps and per-chu
 version 2: tensor-core kernels (HYBRID_IMPL_TENSOR_V2): mma.sync bf16/f16/tf32, a thread block of 4 warps
            walks a segment of 16 chunks keeping the 128 x d state in shared memory; feature maps fused;
            stage-1 loss fused.
-version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the stage-1 backward with 8 warps per block and the
-           fp32 state in registers (mma accumulators, 16 state rows a warp); the full backward's window
-           kernels as in version 2.
+version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the backward's state kernels with 8 warps per block
+           and the fp32 state in registers (mma accumulators, 16 state rows a warp); the full backward adds
+           a stateless window-dq kernel, a second state walk for dv = phi_k R (R^T by head-dim rows) and
+           version 2's window dk/dv kernel.
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv); ms, microseconds per 1K tokens, TFLOP/s of the chunked algorithm's matrix
