@@ -2365,37 +2365,19 @@ __device__ __forceinline__ void add_c_tile_atomic(float* dst, const float (&acc)
 // Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
 // key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
 // ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
+// The window kernels' shared pieces (fast_window_kv_kernel, fast_window_kv_v3_kernel). Queries of chunks
+// c and c+1 (nq_chunks of them) of head h: their q and dy tiles (cp.async, not committed) and row
+// statistics [u][5][64]: m, 1/den, delta, dm, arg max (zeros and -1 past T).
 template <int D>
-struct WinLayout {
+__device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b, int c, int h, int nq_chunks, bf16* sQ,
+                                                    bf16* sDY, float* sSt, int tid) {
   using TL = Tiles<D>;
-  static constexpr size_t K = 0, V = K + TL::TILE * 2, Q = V + TL::TILE * 2, DY = Q + 2 * TL::TILE * 2,
-                          ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * 5 * 64 * 4;
-};
-template <int D>
-static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
-  using TL = Tiles<D>;
-  using LY = WinLayout<D>;
-  constexpr int LDT = TL::LDT, NT = TL::NT;
   const Shape& s = a.s;
-  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
-  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = (bf16*)(smem_raw + LY::K);
-  bf16* sV = (bf16*)(smem_raw + LY::V);
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
-  bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
-  const float gamma = sigmoidf_(a.wlogit[h]);
-  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
-  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
-  const bool sliding = s.geometry == HYBRID_SLIDING;
-  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
-  load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
-  load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  const size_t qstride = (size_t)s.H * D;
   for (int u = 0; u < nq_chunks; u++) {
-    const int qc = c + u;
-    load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
-    load_rows_async<D>(sDY + u * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
+    const int qc = c + u, rows = max(0, min(CHUNK, s.T - qc * CHUNK));
+    load_rows_async<D>(sQ + u * TL::TILE, TL::LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
+    load_rows_async<D>(sDY + u * TL::TILE, TL::LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
     if (tid < 64) {
       const int i = qc * CHUNK + tid;
       const bool ok = i < s.T;
@@ -2408,19 +2390,26 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
       st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
     }
   }
-  cp_async_commit();
-  const int row0 = warp * 16, j0 = c * CHUNK + row0;
-  float dv[NT][4] = {}, dk[NT][4] = {};
-  cp_async_wait<0>();
-  __syncthreads();
+}
+
+// One head's window part of dk, dv for the warp's key rows [row0, +16) (global j0 = first of them) of key
+// chunk c (K, V tiles in sK, sV) against the queries loaded by load_window_queries:
+//   dv += A^T (dy / den),  dk += ds^T q / sqrt(d)  with ds = A (dP / den - delta) (+ dm at the arg max).
+template <int D>
+__device__ __forceinline__ void window_kv_accumulate(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
+                                                     const bf16* sK, const bf16* sV, const bf16* sQ, const bf16* sDY,
+                                                     const float* sSt, int nq_chunks, int warp, int g, int t,
+                                                     float gamma, bool sliding, const Shape& s, int j0) {
+  using TL = Tiles<D>;
+  const int row0 = warp * 16;
   for (int u = 0; u < nq_chunks; u++) {
     const bf16* Q = sQ + u * TL::TILE;
     const bf16* DY = sDY + u * TL::TILE;
     const float* st = sSt + u * 5 * 64;
     uint32_t ap[4][4], dsp[4][4];
+    const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
     {
       float sc[8][4], dpt[8][4];
-      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
       mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
       mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
       #pragma unroll
@@ -2444,9 +2433,45 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
-    mul_a_tile<D, false>(dv, ap, DY, u == 0 ? warp : 0);
-    mul_a_tile<D, false>(dk, dsp, Q, u == 0 ? warp : 0);
+    mul_a_tile<D, false>(dv, ap, DY, qb_lo);
+    mul_a_tile<D, false>(dk, dsp, Q, qb_lo);
   }
+}
+
+template <int D>
+struct WinLayout {
+  using TL = Tiles<D>;
+  static constexpr size_t K = 0, V = K + TL::TILE * 2, Q = V + TL::TILE * 2, DY = Q + 2 * TL::TILE * 2,
+                          ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * 5 * 64 * 4;
+};
+template <int D>
+static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
+  using TL = Tiles<D>;
+  using LY = WinLayout<D>;
+  constexpr int LDT = TL::LDT, NT = TL::NT;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sK = (bf16*)(smem_raw + LY::K);
+  bf16* sV = (bf16*)(smem_raw + LY::V);
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
+  const float gamma = sigmoidf_(a.wlogit[h]);
+  const size_t kstride = (size_t)s.Hkv * D;
+  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
+  load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
+  load_window_queries<D>(a, b, c, h, nq_chunks, sQ, sDY, sSt, tid);
+  cp_async_commit();
+  const int row0 = warp * 16, j0 = c * CHUNK + row0;
+  float dv[NT][4] = {}, dk[NT][4] = {};
+  cp_async_wait<0>();
+  __syncthreads();
+  window_kv_accumulate<D>(dv, dk, sK, sV, sQ, sDY, sSt, nq_chunks, warp, g, t, gamma, sliding, s, j0);
   add_c_tile_atomic<NT>(a.dv_acc, dv, s, b, hk, j0, D);
   add_c_tile_atomic<NT>(a.dk_acc, dk, s, b, hk, j0, D);
 }
@@ -3461,7 +3486,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   bf16* sQ = (bf16*)(smem_raw + LY::Q);
   bf16* sDY = (bf16*)(smem_raw + LY::DY);
   float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
-  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const size_t kstride = (size_t)s.Hkv * D;
   auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
   const int nq_chunks = c + 1 < s.NC ? 2 : 1;
@@ -3469,22 +3494,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
   auto load_head = [&](int h) {  // query / dy tiles and row statistics of query chunks c, c+1 for head h
-    for (int u = 0; u < nq_chunks; u++) {
-      const int qc = c + u;
-      load_rows_async<D>(sQ + u * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
-      load_rows_async<D>(sDY + u * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows_in(qc));
-      if (tid < 64) {
-        const int i = qc * CHUNK + tid;
-        const bool ok = i < s.T;
-        const size_t ri = row_index(s, b, ok ? i : 0, h);
-        float* st = sSt + u * 5 * 64;
-        st[tid] = ok ? a.sv.row_max[ri] : 0.0f;
-        st[64 + tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
-        st[128 + tid] = ok ? a.sv.row_delta[ri] : 0.0f;
-        st[192 + tid] = ok ? a.dm[ri] : 0.0f;
-        st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
-      }
-    }
+    load_window_queries<D>(a, b, c, h, nq_chunks, sQ, sDY, sSt, tid);
     cp_async_commit();
   };
   load_head(hk * s.group);
@@ -3507,40 +3517,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
     }
     cp_async_wait<0>();
     __syncthreads();
-    for (int u = 0; u < nq_chunks; u++) {
-      const bf16* Q = sQ + u * TL::TILE;
-      const bf16* DY = sDY + u * TL::TILE;
-      uint32_t ap[4][4], dsp[4][4];
-      const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
-      const float* st = sSt + u * 5 * 64;
-      {
-        float sc[8][4], dpt[8][4];
-        mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
-        mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
-        #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-          #pragma unroll
-          for (int e = 0; e < 4; e++) {
-            const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
-            bool win;
-            if (u == 0) win = kl <= ql;
-            else win = !sliding || ql < kl || j < s.sinks;
-            win = win && j < s.T && st[64 + ql] != 0.0f;  // a real key and a real query
-            float A = 0.0f, ds = 0.0f;
-            if (win) {
-              A = gamma * exp2f((sc[nt][e] * s.scale - st[ql]) * LOG2E);
-              ds = A * (dpt[nt][e] * st[64 + ql] - st[128 + ql]);
-              if (__float_as_int(st[256 + ql]) == j) ds += st[192 + ql];
-            }
-            sc[nt][e] = A * st[64 + ql];  // A^T / den: dv = sum_i A_ij dy_i / den_i
-            dpt[nt][e] = ds * s.scale;
-          }
-        pack_c_to_a<false, 8>(ap, sc);
-        pack_c_to_a<false, 8>(dsp, dpt);
-      }
-      mul_a_tile<D, false>(dv, ap, DY, qb_lo);
-      mul_a_tile<D, false>(dk, dsp, Q, qb_lo);
-    }
+    window_kv_accumulate<D>(dv, dk, sK, sV, sQ, sDY, sSt, nq_chunks, warp, g, t, gamma, sliding, s, j0);
   }
   #pragma unroll
   for (int r = 0; r < 2; r++) {
