@@ -1107,6 +1107,8 @@ inline void attention_generic_backward(bf16* dq, bf16* dk, bf16* dv, float* delt
 
 }  // namespace attention_detail
 
+#include "attention_hopper.cuh"
+
 // Causal GQA softmax attention forward. out, q: (B, T, H, d); k, v: (B, T, Hkv, d); lse: (B, H, T)
 // natural-log logsumexp of the scaled scores per query row (kept for the backward), or nullptr.
 // d: a multiple of 8 up to 128 (64 and 128 take the tensor-core path). Scale 1/sqrt(d).
@@ -1115,7 +1117,9 @@ inline void softmax_attention_forward(bf16* out, float* lse, const bf16* q, cons
   using namespace attention_detail;
   check_attention_args(q, k, v, out, B, T, H, Hkv, d);
   if (B == 0 || T == 0) return;
-  if (d == 128)
+  if (d == 128 && attention_hopper::wgmma_available())
+    attention_hopper::launch_flash_forward_wgmma<2, true, true>(out, lse, q, k, v, B, T, H, Hkv, stream);
+  else if (d == 128)
     launch_flash_forward<FlashTile128>(out, lse, q, k, v, B, T, H, Hkv, stream);
   else if (d == 64)
     launch_flash_forward<FlashTile64>(out, lse, q, k, v, B, T, H, Hkv, stream);

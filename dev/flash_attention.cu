@@ -73,6 +73,13 @@ void flash_version(bf16* out, float* lse, const bf16* q, const bf16* k, const bf
   launch_flash_forward<Tile>(out, lse, q, k, v, B, T, H, Hkv, s);
 }
 
+template <int STAGES, bool PV_SPLIT, bool OVERLAP>
+void wgmma_version(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int Hkv,
+                   int d, cudaStream_t s) {
+  if (d != 128) fatal("wgmma kernel called with d=%d", d);
+  attention_hopper::launch_flash_forward_wgmma<STAGES, PV_SPLIT, OVERLAP>(out, lse, q, k, v, B, T, H, Hkv, s);
+}
+
 static const Version versions[] = {
     {"naive (thread per row)", 0, attention_naive, true},
     {"generic (fp32 FMA)", 0, attention_generic, true},
@@ -83,6 +90,12 @@ static const Version versions[] = {
     {"flash 128x64, 4 warps x 32 rows", 64, flash_version<FlashTile<64, 4, 2, 64, false, 2>>, false},
     {"flash 64x64, 4 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 4, 1, 64, true, 4>>, false},
     {"flash 128x64, 8 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 8, 1, 64, true, 1>>, false},
+    {"wgmma 128x128, 2 stages, serial", 128, wgmma_version<2, false, false>, false},
+    {"wgmma 128x128, 2 stages, serial, pv 2 x n64", 128, wgmma_version<2, true, false>, false},
+    {"wgmma 128x128, 2 stages, overlap", 128, wgmma_version<2, false, true>, false},
+    {"wgmma 128x128, 2 stages, overlap, pv 2 x n64", 128, wgmma_version<2, true, true>, false},
+    {"wgmma 128x128, 3 stages, overlap", 128, wgmma_version<3, false, true>, false},
+    {"wgmma 128x128, 3 stages, overlap, pv 2 x n64", 128, wgmma_version<3, true, true>, false},
     {"dispatch (softmax_attention_forward)", 0, softmax_attention_forward, false},
 };
 
