@@ -92,6 +92,15 @@ __device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t des
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
+// d (64 x 64 fp32) (+)= A (64 x 16, smem desc) * B (64 x 16, smem desc), both K-major.
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float* d, uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
 // d (64 x 128 fp32) += A (64 x 16 bf16, registers) * B (16 x 128, smem desc, MN-major: transposed).
 __device__ __forceinline__ void wgmma_rs_m64n128k16_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile(
@@ -182,23 +191,42 @@ __global__ void __launch_bounds__(THREADS, 1)
   for (int i = 0; i < 64; i++) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
 
-  // s = q k^T for the tile in stage st (8 MMAs of k16 along d), issued, not waited for.
-  auto issue_s = [&](float (&sc)[64], int st) {
+  // s = q k^T for the tile in stage st (8 MMAs of k16 along d), issued, not waited for. `half`: only
+  // the first 64 keys (the diagonal tile of the first consumer, whose rows all precede key m0 + 64);
+  // the caller sets the other 64 scores to -inf once the MMAs are done.
+  auto issue_s = [&](float (&sc)[64], int st, bool half) {
     const uint32_t sKs = sK + st * TILE_BYTES;
     wgmma_fence();
+    if (half) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-      const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
-      wgmma_ss_m64n128k16(sc, make_desc(sQw + off, 16, 1024), make_desc(sKs + off, 16, 1024), kk > 0);
+      for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
+        wgmma_ss_m64n64k16(sc, make_desc(sQw + off, 16, 1024), make_desc(sKs + off, 16, 1024), kk > 0);
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
+        wgmma_ss_m64n128k16(sc, make_desc(sQw + off, 16, 1024), make_desc(sKs + off, 16, 1024), kk > 0);
+      }
     }
     wgmma_commit();
   };
+  auto clear_upper = [&](float (&sc)[64], bool half) {
+    if (half) {
+#pragma unroll
+      for (int i = 32; i < 64; i++) sc[i] = -INFINITY;
+    }
+  };
+  // The last tile of every block is its diagonal tile (BLOCK_M == BLOCK_N, m0 a multiple of both).
+  const bool half_last = cw == 0;
   // o += p v for the tile in stage st (8 MMAs of k16 along the keys), issued, not waited for.
-  auto issue_pv = [&](const uint32_t (&p)[8][4], int st) {
+  auto issue_pv = [&](const uint32_t (&p)[8][4], int st, bool half) {
     const uint32_t sVs = sV + st * TILE_BYTES;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BLOCK_N / 16; kk++) {
+      if (half && kk >= BLOCK_N / 32) break;  // p = 0 for the last 64 keys
       if constexpr (PV_SPLIT) {
         wgmma_rs_m64n64k16_tb(o, p[kk], make_desc(sVs + kk * 2048, 16, 1024));
         wgmma_rs_m64n64k16_tb(o + 32, p[kk], make_desc(sVs + HALF_BYTES + kk * 2048, 16, 1024));
@@ -274,16 +302,18 @@ __global__ void __launch_bounds__(THREADS, 1)
       const uint32_t parity = (j / STAGES) & 1;
       float sc[64], alpha[2];
       uint32_t p[8][4];
+      const bool half = half_last && j == n_tiles - 1;
       mbar_wait(k_full(st), parity);
-      issue_s(sc, st);
+      issue_s(sc, st, half);
       wgmma_wait<0>();
       fence_regs(sc);
+      clear_upper(sc, half);
       softmax(sc, j, alpha);
       rescale_o(alpha);
       pack_p(p, sc);
       mbar_wait(v_full(st), parity);
       fence_regs(o);
-      issue_pv(p, st);
+      issue_pv(p, st, half);
       wgmma_wait<0>();
       fence_regs(o);
       release(st);
@@ -295,20 +325,23 @@ __global__ void __launch_bounds__(THREADS, 1)
     float sc[64], alpha[2];
     uint32_t p[8][4];
     mbar_wait(k_full(0), 0);
-    issue_s(sc, 0);
+    issue_s(sc, 0, half_last && n_tiles == 1);
     wgmma_wait<0>();
     fence_regs(sc);
+    clear_upper(sc, half_last && n_tiles == 1);
     softmax(sc, 0, alpha);  // o is still zero: no rescale
     pack_p(p, sc);
     for (int j = 1; j < n_tiles; j++) {
       const int st = j % STAGES, prev = (j - 1) % STAGES;
       mbar_wait(k_full(st), (j / STAGES) & 1);
-      issue_s(sc, st);
+      const bool half = half_last && j == n_tiles - 1;
+      issue_s(sc, st, half);
       mbar_wait(v_full(prev), ((j - 1) / STAGES) & 1);
       fence_regs(o);
-      issue_pv(p, prev);
+      issue_pv(p, prev, false);
       wgmma_wait<1>();  // s of tile j is done
       fence_regs(sc);
+      clear_upper(sc, half);
       softmax(sc, j, alpha);
       wgmma_wait<0>();  // p v of tile j - 1 is done
       fence_regs(o);
@@ -319,7 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     const int last = (n_tiles - 1) % STAGES;
     mbar_wait(v_full(last), ((n_tiles - 1) / STAGES) & 1);
     fence_regs(o);
-    issue_pv(p, last);
+    issue_pv(p, last, half_last);
     wgmma_wait<0>();
     fence_regs(o);
     release(last);

@@ -1,6 +1,8 @@
 // dev/flash_attention.cu: kernel lab for the teacher's causal softmax attention (attention.cuh).
 // Forward versions: a naive kernel (one thread per query row, global memory, two passes), the generic
-// kernel of attention.cuh, and several tile shapes of its tensor-core flash kernel. Backward versions:
+// kernel of attention.cuh, several tile shapes of its tensor-core (mma.sync) flash kernel, and the
+// Hopper wgmma kernel of attention_hopper.cuh (d = 128: 2 or 3 k/v stages; serial or overlapped s and
+// p v MMAs within a warpgroup; p v as one n128 MMA or two n64). Backward versions:
 // the generic and the tensor-core kernels. Each is validated against reference/attention_ref.h on
 // fresh random inputs, then timed at Llama 3 8B attention shapes (32 query heads, 8 kv heads, d = 128;
 // also d = 64) with B * T = 8192.
@@ -94,6 +96,7 @@ static const Version versions[] = {
     {"wgmma 128x128, 2 stages, serial, pv 2 x n64", 128, wgmma_version<2, true, false>, false},
     {"wgmma 128x128, 2 stages, overlap", 128, wgmma_version<2, false, true>, false},
     {"wgmma 128x128, 2 stages, overlap, pv 2 x n64", 128, wgmma_version<2, true, true>, false},
+    {"wgmma 128x128, 3 stages, serial", 128, wgmma_version<3, false, false>, false},
     {"wgmma 128x128, 3 stages, overlap", 128, wgmma_version<3, false, true>, false},
     {"wgmma 128x128, 3 stages, overlap, pv 2 x n64", 128, wgmma_version<3, true, true>, false},
     {"dispatch (softmax_attention_forward)", 0, softmax_attention_forward, false},
