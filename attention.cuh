@@ -1122,7 +1122,7 @@ inline void softmax_attention_forward(bf16* out, float* lse, const bf16* q, cons
   check_attention_args(q, k, v, out, B, T, H, Hkv, d);
   if (B == 0 || T == 0) return;
   if (d == 128 && attention_hopper::wgmma_available())
-    attention_hopper::launch_flash_forward_wgmma<3, false, true>(out, lse, q, k, v, B, T, H, Hkv, stream);
+    attention_hopper::launch_flash_forward_wgmma<3, false, true, false>(out, lse, q, k, v, B, T, H, Hkv, stream);
   else if (d == 128)
     launch_flash_forward<FlashTile128>(out, lse, q, k, v, B, T, H, Hkv, stream);
   else if (d == 64)

@@ -17,9 +17,19 @@
 //    conflicts, no transposes. s = q k^T reads q and k K-major (d contiguous, as they are in memory);
 //    o += p v takes p from registers (the fp32 accumulator layout of s, packed to bf16 pairs, is the
 //    register A layout) and v (keys x d, d contiguous) as an MN-major B via the descriptor's transpose.
+//  - OVERLAP: within a warpgroup, the s MMAs of tile j and the p v MMAs of tile j - 1 are issued
+//    together and the softmax of tile j runs while p v is still in flight. It holds two k/v stages at
+//    once, so it needs STAGES = 3 (224 KB of shared memory) to keep a load ahead; with 2 stages it is
+//    slower than the serial loop.
 //  - Online softmax in fp32 with exp2 and the scale folded into one multiply; the causal mask only on
-//    the diagonal tile; heaviest query tiles scheduled first; TMA zero-fills rows past T.
+//    the diagonal tile (the last of every block; DIAG_HALF, a lab option: the first consumer, whose 64
+//    rows all precede the tile's last 64 keys, computes only 64 keys there). Heaviest query tiles are
+//    scheduled first; TMA zero-fills rows past T (and the mask removes keys past T: they follow every
+//    valid row).
+//  - Dispatched: STAGES = 3, OVERLAP, p v as one n128 MMA, no DIAG_HALF (dev/flash_attention.cu times
+//    the others).
 #pragma once
+#include <type_traits>
 #include <cuda.h>  // CUtensorMap (the encoder is fetched through the runtime: no -lcuda)
 
 namespace attention_hopper {
@@ -130,7 +140,7 @@ struct HopperTile {
   static constexpr size_t SMEM_BYTES = BAR_OFFSET + 8 * (1 + 3 * STAGES) + 1024;
 };
 
-template <int STAGES, bool PV_SPLIT, bool OVERLAP>
+template <int STAGES, bool PV_SPLIT, bool OVERLAP, bool DIAG_HALF>
 __global__ void __launch_bounds__(THREADS, 1)
     flash_forward_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                                const __grid_constant__ CUtensorMap map_v, bf16* __restrict__ out,
@@ -191,42 +201,38 @@ __global__ void __launch_bounds__(THREADS, 1)
   for (int i = 0; i < 64; i++) o[i] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // max in scaled log2 units
 
-  // s = q k^T for the tile in stage st (8 MMAs of k16 along d), issued, not waited for. `half`: only
-  // the first 64 keys (the diagonal tile of the first consumer, whose rows all precede key m0 + 64);
-  // the caller sets the other 64 scores to -inf once the MMAs are done.
-  auto issue_s = [&](float (&sc)[64], int st, bool half) {
+  // Compile-time flags for the lambdas below (C++17 generic lambdas take them as arguments).
+  using Full = std::integral_constant<bool, false>;
+  using Half = std::integral_constant<bool, true>;
+  // s = q k^T for the tile in stage st (8 MMAs of k16 along d), issued, not waited for. Half: only the
+  // first 64 keys (the diagonal tile of the first consumer, whose rows all precede key m0 + 64); the
+  // other 64 scores are then set to -inf (clear_upper) once the MMAs are done.
+  auto issue_s = [&](float (&sc)[64], int st, auto half) {
     const uint32_t sKs = sK + st * TILE_BYTES;
     wgmma_fence();
-    if (half) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; kk++) {
-        const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
+    for (int kk = 0; kk < D / 16; kk++) {
+      const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
+      if constexpr (decltype(half)::value)
         wgmma_ss_m64n64k16(sc, make_desc(sQw + off, 16, 1024), make_desc(sKs + off, 16, 1024), kk > 0);
-      }
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; kk++) {
-        const uint32_t off = (kk / 4) * HALF_BYTES + (kk % 4) * 32;
+      else
         wgmma_ss_m64n128k16(sc, make_desc(sQw + off, 16, 1024), make_desc(sKs + off, 16, 1024), kk > 0);
-      }
     }
     wgmma_commit();
   };
-  auto clear_upper = [&](float (&sc)[64], bool half) {
-    if (half) {
+  auto clear_upper = [&](float (&sc)[64], auto half) {
+    if constexpr (decltype(half)::value) {
 #pragma unroll
       for (int i = 32; i < 64; i++) sc[i] = -INFINITY;
     }
   };
-  // The last tile of every block is its diagonal tile (BLOCK_M == BLOCK_N, m0 a multiple of both).
-  const bool half_last = cw == 0;
-  // o += p v for the tile in stage st (8 MMAs of k16 along the keys), issued, not waited for.
-  auto issue_pv = [&](const uint32_t (&p)[8][4], int st, bool half) {
+  // o += p v for the tile in stage st (8 MMAs of k16 along the keys; Half: 4, p = 0 for the last 64).
+  auto issue_pv = [&](const uint32_t (&p)[8][4], int st, auto half) {
     const uint32_t sVs = sV + st * TILE_BYTES;
+    constexpr int K_STEPS = decltype(half)::value ? BLOCK_N / 32 : BLOCK_N / 16;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BLOCK_N / 16; kk++) {
-      if (half && kk >= BLOCK_N / 32) break;  // p = 0 for the last 64 keys
+    for (int kk = 0; kk < K_STEPS; kk++) {
       if constexpr (PV_SPLIT) {
         wgmma_rs_m64n64k16_tb(o, p[kk], make_desc(sVs + kk * 2048, 16, 1024));
         wgmma_rs_m64n64k16_tb(o + 32, p[kk], make_desc(sVs + HALF_BYTES + kk * 2048, 16, 1024));
@@ -294,15 +300,21 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (lane == 0) mbar_arrive(empty(st));
   };
 
+  // The last tile of every block is its diagonal tile (BLOCK_M == BLOCK_N, m0 a multiple of both);
+  // with DIAG_HALF the first consumer takes it at 64 keys. The choice between the Full and Half code
+  // is a branch between two complete sequences, each ending with its MMAs waited for (a run-time flag
+  // inside the MMA issue ran 20% slower in every variant). Even so, with OVERLAP the extra code costs
+  // registers: ptxas serializes the wgmma (info C7511) and it runs 25% slower; without OVERLAP it
+  // gains ~1% at T = 1024. The dispatcher leaves it off.
+  const bool half_last = DIAG_HALF && cw == 0;
+  float sc[64], alpha[2];
+  uint32_t p[8][4];
   mbar_wait(q_full(), 0);
   if constexpr (!OVERLAP) {
     // Plain: s, softmax, p v, one after the other; the other warpgroup fills the tensor cores meanwhile.
-    for (int j = 0; j < n_tiles; j++) {
+    auto step = [&](int j, auto half) {
       const int st = j % STAGES;
       const uint32_t parity = (j / STAGES) & 1;
-      float sc[64], alpha[2];
-      uint32_t p[8][4];
-      const bool half = half_last && j == n_tiles - 1;
       mbar_wait(k_full(st), parity);
       issue_s(sc, st, half);
       wgmma_wait<0>();
@@ -317,28 +329,30 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_wait<0>();
       fence_regs(o);
       release(st);
-    }
+    };
+    for (int j = 0; j < n_tiles - 1; j++) step(j, Full());
+    if (half_last) step(n_tiles - 1, Half());
+    else step(n_tiles - 1, Full());
   } else {
     // Overlapped within the warpgroup: the MMAs of s for tile j and of p v for tile j - 1 run while
     // nothing waits; the softmax of tile j then runs while p v of tile j - 1 may still be in flight
     // (it reads p, which is rewritten only after it completes; o is rescaled only after, too).
-    float sc[64], alpha[2];
-    uint32_t p[8][4];
-    mbar_wait(k_full(0), 0);
-    issue_s(sc, 0, half_last && n_tiles == 1);
-    wgmma_wait<0>();
-    fence_regs(sc);
-    clear_upper(sc, half_last && n_tiles == 1);
-    softmax(sc, 0, alpha);  // o is still zero: no rescale
-    pack_p(p, sc);
-    for (int j = 1; j < n_tiles; j++) {
+    auto first = [&](auto half) {
+      mbar_wait(k_full(0), 0);
+      issue_s(sc, 0, half);
+      wgmma_wait<0>();
+      fence_regs(sc);
+      clear_upper(sc, half);
+      softmax(sc, 0, alpha);  // o is still zero: no rescale
+      pack_p(p, sc);
+    };
+    auto step = [&](int j, auto half) {
       const int st = j % STAGES, prev = (j - 1) % STAGES;
       mbar_wait(k_full(st), (j / STAGES) & 1);
-      const bool half = half_last && j == n_tiles - 1;
       issue_s(sc, st, half);
       mbar_wait(v_full(prev), ((j - 1) / STAGES) & 1);
       fence_regs(o);
-      issue_pv(p, prev, false);
+      issue_pv(p, prev, Full());
       wgmma_wait<1>();  // s of tile j is done
       fence_regs(sc);
       clear_upper(sc, half);
@@ -348,15 +362,27 @@ __global__ void __launch_bounds__(THREADS, 1)
       release(prev);
       rescale_o(alpha);
       pack_p(p, sc);
+    };
+    auto last_pv = [&](auto half) {
+      const int last = (n_tiles - 1) % STAGES;
+      mbar_wait(v_full(last), ((n_tiles - 1) / STAGES) & 1);
+      fence_regs(o);
+      issue_pv(p, last, half);
+      wgmma_wait<0>();
+      fence_regs(o);
+      release(last);
+    };
+    if (half_last && n_tiles == 1) first(Half());
+    else first(Full());
+    for (int j = 1; j < n_tiles - 1; j++) step(j, Full());
+    if (n_tiles > 1) {
+      if (half_last) step(n_tiles - 1, Half());
+      else step(n_tiles - 1, Full());
     }
-    const int last = (n_tiles - 1) % STAGES;
-    mbar_wait(v_full(last), ((n_tiles - 1) / STAGES) & 1);
-    fence_regs(o);
-    issue_pv(p, last, half_last);
-    wgmma_wait<0>();
-    fence_regs(o);
-    release(last);
+    if (half_last) last_pv(Half());
+    else last_pv(Full());
   }
+
   // Epilogue: out = o / l through this warpgroup's rows of the q tile (its last reader was this
   // warpgroup's final s MMA, complete), swizzled like the tiles so the 4-byte writes are conflict-free,
   // then 16-byte coalesced global stores.
@@ -458,13 +484,13 @@ inline bool wgmma_available() {
   return cached == 1;
 }
 
-template <int STAGES, bool PV_SPLIT, bool OVERLAP>
+template <int STAGES, bool PV_SPLIT, bool OVERLAP, bool DIAG_HALF>
 void launch_flash_forward_wgmma(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T,
                                 int H, int Hkv, cudaStream_t stream) {
   using Tile = HopperTile<STAGES, PV_SPLIT>;
   static bool configured = false;
   if (!configured) {
-    CUDA_CHECK(cudaFuncSetAttribute(flash_forward_wgmma_kernel<STAGES, PV_SPLIT, OVERLAP>,
+    CUDA_CHECK(cudaFuncSetAttribute(flash_forward_wgmma_kernel<STAGES, PV_SPLIT, OVERLAP, DIAG_HALF>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tile::SMEM_BYTES));
     configured = true;
   }
@@ -472,7 +498,7 @@ void launch_flash_forward_wgmma(bf16* out, float* lse, const bf16* q, const bf16
   if (m_blocks > 65535) fatal("softmax attention: sequence length %d too long for one launch", T);
   const CUtensorMap mq = make_head_map(q, B, T, H), mk = make_head_map(k, B, T, Hkv), mv = make_head_map(v, B, T, Hkv);
   const float scale_log2 = attention_detail::LOG2E / sqrtf((float)D);
-  flash_forward_wgmma_kernel<STAGES, PV_SPLIT, OVERLAP><<<dim3(B * H, m_blocks), THREADS, Tile::SMEM_BYTES, stream>>>(
+  flash_forward_wgmma_kernel<STAGES, PV_SPLIT, OVERLAP, DIAG_HALF><<<dim3(B * H, m_blocks), THREADS, Tile::SMEM_BYTES, stream>>>(
       mq, mk, mv, out, lse, T, H, Hkv, scale_log2);
   CUDA_LAUNCH_CHECK();
 }
