@@ -456,7 +456,7 @@ inline CUtensorMap make_head_map(const bf16* x, int B, int T, int heads) {
   return map;
 }
 
-__global__ void wgmma_probe_kernel(int* flag) {
+static __global__ void wgmma_probe_kernel(int* flag) {  // static: one per translation unit
 #ifdef LOLCATS_WGMMA
   *flag = 1;
 #else
