@@ -22,8 +22,12 @@
 // BLOCK_M x BLOCK_N tile at a time, in registers. Exponentials run in base 2 with the scale and
 // log2(e) folded into one multiply.
 //
-// Two implementations behind softmax_attention_forward():
-//  - flash_forward_kernel (d = 64, 128): warp-level tensor-core MMA (mma.sync m16n8k16 bf16, fp32
+// Three implementations behind softmax_attention_forward():
+//  - flash_forward_wgmma_kernel (attention_hopper.cuh; d = 128 on Hopper, when the binary carries
+//    sm_90a code): the same algorithm on warpgroup MMA (wgmma) with TMA-loaded, 128-byte-swizzled
+//    q/k/v tiles and a producer warpgroup; mma.sync below tops out near 340 TFLOP/s on the H200,
+//    wgmma reaches 390-650 (T = 1024-16384).
+//  - flash_forward_kernel (d = 64; d = 128 elsewhere): warp-level tensor-core MMA (mma.sync m16n8k16 bf16, fp32
 //    accumulators), ldmatrix from padded shared memory, K/V tiles double-buffered with cp.async so
 //    the next tile loads while this one computes. Each warp owns 16 * M_TILES query rows; the whole
 //    score tile of a warp stays in registers and becomes the A operand of p v without touching shared
@@ -1107,15 +1111,19 @@ inline void attention_generic_backward(bf16* dq, bf16* dk, bf16* dv, float* delt
 
 }  // namespace attention_detail
 
+#include "attention_hopper.cuh"
+
 // Causal GQA softmax attention forward. out, q: (B, T, H, d); k, v: (B, T, Hkv, d); lse: (B, H, T)
 // natural-log logsumexp of the scaled scores per query row (kept for the backward), or nullptr.
-// d: a multiple of 8 up to 128 (64 and 128 take the tensor-core path). Scale 1/sqrt(d).
+// d: a multiple of 8 up to 128 (64 and 128 take the tensor-core paths, 128 on wgmma on Hopper). Scale 1/sqrt(d).
 inline void softmax_attention_forward(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T,
                                       int H, int Hkv, int d, cudaStream_t stream) {
   using namespace attention_detail;
   check_attention_args(q, k, v, out, B, T, H, Hkv, d);
   if (B == 0 || T == 0) return;
-  if (d == 128)
+  if (d == 128 && attention_hopper::wgmma_available())
+    attention_hopper::launch_flash_forward_wgmma<3, false, true, false>(out, lse, q, k, v, B, T, H, Hkv, stream);
+  else if (d == 128)
     launch_flash_forward<FlashTile128>(out, lse, q, k, v, B, T, H, Hkv, stream);
   else if (d == 64)
     launch_flash_forward<FlashTile64>(out, lse, q, k, v, B, T, H, Hkv, stream);

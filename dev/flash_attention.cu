@@ -1,6 +1,9 @@
 // dev/flash_attention.cu: kernel lab for the teacher's causal softmax attention (attention.cuh).
 // Forward versions: a naive kernel (one thread per query row, global memory, two passes), the generic
-// kernel of attention.cuh, and several tile shapes of its tensor-core flash kernel. Backward versions:
+// kernel of attention.cuh, several tile shapes of its tensor-core (mma.sync) flash kernel, and the
+// Hopper wgmma kernel of attention_hopper.cuh (d = 128: 2 or 3 k/v stages; serial or overlapped s and
+// p v MMAs within a warpgroup; p v as one n128 MMA or two n64; the first consumer's diagonal tile at
+// 128 keys or 64; * marks one ptxas serializes, info C7511). Backward versions:
 // the generic and the tensor-core kernels. Each is validated against reference/attention_ref.h on
 // fresh random inputs, then timed at Llama 3 8B attention shapes (32 query heads, 8 kv heads, d = 128;
 // also d = 64) with B * T = 8192.
@@ -73,6 +76,13 @@ void flash_version(bf16* out, float* lse, const bf16* q, const bf16* k, const bf
   launch_flash_forward<Tile>(out, lse, q, k, v, B, T, H, Hkv, s);
 }
 
+template <int STAGES, bool PV_SPLIT, bool OVERLAP, bool DIAG_HALF>
+void wgmma_version(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int B, int T, int H, int Hkv,
+                   int d, cudaStream_t s) {
+  if (d != 128) fatal("wgmma kernel called with d=%d", d);
+  attention_hopper::launch_flash_forward_wgmma<STAGES, PV_SPLIT, OVERLAP, DIAG_HALF>(out, lse, q, k, v, B, T, H, Hkv, s);
+}
+
 static const Version versions[] = {
     {"naive (thread per row)", 0, attention_naive, true},
     {"generic (fp32 FMA)", 0, attention_generic, true},
@@ -83,6 +93,14 @@ static const Version versions[] = {
     {"flash 128x64, 4 warps x 32 rows", 64, flash_version<FlashTile<64, 4, 2, 64, false, 2>>, false},
     {"flash 64x64, 4 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 4, 1, 64, true, 4>>, false},
     {"flash 128x64, 8 warps x 16 rows, q in regs", 64, flash_version<FlashTile<64, 8, 1, 64, true, 1>>, false},
+    {"wgmma 128x128, 2 stages, serial", 128, wgmma_version<2, false, false, false>, false},
+    {"wgmma 128x128, 2 stages, serial, pv 2 x n64", 128, wgmma_version<2, true, false, false>, false},
+    {"wgmma 128x128, 3 stages, serial", 128, wgmma_version<3, false, false, false>, false},
+    {"wgmma 128x128, 3 stages, serial, diag half", 128, wgmma_version<3, false, false, true>, false},
+    {"wgmma 128x128, 2 stages, overlap", 128, wgmma_version<2, false, true, false>, false},
+    {"wgmma 128x128, 3 stages, overlap", 128, wgmma_version<3, false, true, false>, false},
+    {"wgmma 128x128, 3 stages, overlap, pv 2 x n64", 128, wgmma_version<3, true, true, false>, false},
+    {"wgmma 128x128, 3 stages, overlap, diag half*", 128, wgmma_version<3, false, true, true>, false},
     {"dispatch (softmax_attention_forward)", 0, softmax_attention_forward, false},
 };
 

@@ -114,6 +114,29 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SoftmaxAttentionGpu,
                                   std::to_string(std::get<2>(info.param));
                          });
 
+// d = 128 on a Hopper GPU takes the wgmma kernel (attention_hopper.cuh: 128-row query tiles, 128-key
+// tiles, TMA zero-fill past T): lengths below, at, between and well past its tiles, GQA 1 and 4, two
+// sequences in the batch, and one training-length sequence (T = 4096, few heads to keep the
+// reference fast).
+class SoftmaxAttentionGpuHopper : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(SoftmaxAttentionGpuHopper, MatchesReference) {
+  const auto [gqa, T] = GetParam();
+  const AttentionShape s = T >= 4096 ? AttentionShape{1, T, 2 * gqa, 2, 128}
+                                     : AttentionShape{2, T, gqa == 1 ? 3 : 8, gqa == 1 ? 3 : 2, 128};
+  const AttentionErrors e = run_attention(s, 2.0, 4000 + 31 * gqa + T);
+  expect_close(e, s);
+  printf("  hopper d=128 gqa=%d T=%d: out rel.L2 %.2e, max rel %.2e, lse max abs %.2e\n", gqa, T, e.out_rel_l2,
+         e.out_max_rel, e.lse_max_abs);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SoftmaxAttentionGpuHopper,
+                         ::testing::Combine(::testing::Values(1, 4), ::testing::Values(1, 17, 128, 129, 1000, 1024, 4096)),
+                         [](const ::testing::TestParamInfo<std::tuple<int, int>>& info) {
+                           return "gqa" + std::to_string(std::get<0>(info.param)) + "_T" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
 // Very peaked attention (scores with a standard deviation of 20): the running max changes often and
 // exp underflows for most keys; the online rescaling must stay exact and finite.
 TEST(SoftmaxAttentionGpuStability, LargeScores) {
