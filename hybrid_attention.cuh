@@ -33,16 +33,16 @@
 // everything under HYBRID_IMPL_TENSOR_V2. Version 2 is described first, version 3 after it.
 //
 // FORWARD, version 2 (fast_forward_kernel; tensor cores, d in {64, 128}, f = 64). A block of 4 warps walks a
-// segment of 16 consecutive chunks of one (b, h); warp w owns rows [16w, 16w + 16) of each chunk. S (fp32) and z
+// segment of G consecutive chunks of one (b, h) (G = 16, 32 or 64, seg_chunks() picks it from the shape); warp w owns rows [16w, 16w + 16) of each chunk. S (fp32) and z
 // live in shared memory (with the K/V tiles ~213 KB at d = 128: one block of 4 warps per SM, which is what left
 // it latency-bound and led to version 3). Per chunk c: phi_k of chunk c-1 (bf16 mma + softmax, to shared memory),
 // the softmax tiles (q K^T in bf16, probabilities in f16 for p V), phi_q (kept as f16 mma fragments), phi_q S in
 // tf32 mma on the fp32 state, the sliding masked term, the output; then S += phi_k(c-1)^T V_{c-1}, z += sum
 // phi_k(c-1). K/V of chunk c+1 (and y_true in stage 1) arrive by cp.async while chunk c computes; GQA heads read
-// the same K/V rows (never repeated in memory). The state entering segment s (chunks <= 16 s - 2) is the
+// the same K/V rows (never repeated in memory). The state entering segment s (chunks <= G s - 2) is the
 // exclusive scan over segments of each segment's own sum (segment_sum_kernel, all segments in parallel; it
-// sums half-segments, twice the blocks and half the chain, and the scan adds them up); T <= 1024 is one
-// segment and skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
+// sums sub-segments of 8 chunks, more blocks and shorter chains, and the scan adds them up); one segment
+// (T <= 1024) skips it. The forward keeps these prefixes in `saved` for its backward. Fused stage-1
 // loss: the output section also writes dy = scale * 2 (y - y_true) / n, delta_i = dy_i . y_i / den_i and the
 // window factor's term sum_j A_ij dA_ij = dy_i . (numA_i - y_i denA_i) / den_i, so the stage-1 backward never
 // revisits the softmax part.
@@ -135,7 +135,8 @@ struct HybridAttnParams {
   int window = HYBRID_WINDOW;        // softmax window w; must be 64
   int geometry = HYBRID_TERRACE;     // HYBRID_TERRACE (training default) or HYBRID_SLIDING
   int sinks = 0;                     // the first `sinks` positions are always softmax keys, 0..16
-  int seg_chunks = 0;                // fast path: chunks walked by one thread block (0 = default 16);
+  int seg_chunks = 0;                // fast path: chunks walked by one thread block (0 = chosen from the
+                                     // shape and the SM count: 16, 32 or 64, see seg_chunks());
                                      // tests set it small to exercise the segment prefixes
   int impl = HYBRID_IMPL_AUTO;       // AUTO: tensor cores when the shape allows; PLAIN / TENSOR force one
 };
@@ -160,8 +161,8 @@ struct HybridAttnSaved {
                                // With it an unfused backward forms delta from the fp32 output; without it
                                // from the bf16 one (flash attention's convention), which leaves dw (a sum of
                                // cancelling terms) with percent-level noise. Stage 1 never needs it.
-  float* seg_state = nullptr;  // tensor-core path with T > 1024: the linear state before each segment of
-                               // 16 chunks, (B, H, nseg, 128, d) then (B, H, nseg, 128); the backward reuses it
+  float* seg_state = nullptr;  // tensor-core path with more than one segment: the linear state before each
+                               // segment, (B, H, nseg, 128, d) then (B, H, nseg, 128); the backward reuses it
 };
 
 // The stage-1 loss fused into the forward: MSE(y, y_true) over all B*T*H*d elements.
@@ -1673,7 +1674,8 @@ struct SegSumArgs {
   const bf16 *x, *y, *W;        // KEYS: x = k, W = Wk, y = v;  !KEYS: x = phi_q / den (B, T, H, 128), y = dy
   const float *den, *delta;     // !KEYS
   Shape s;
-  int seg_chunks, nseg;
+  int seg_chunks, nseg;  // here: the sub-segment length and count
+  int first, last;       // the sub-segments some segment's prefix needs: [first, last); the others return
 };
 // 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
 // accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
@@ -1695,7 +1697,7 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2, t = tid & 3;
-  if (KEYS ? seg == a.nseg - 1 : seg == 0) return;
+  if (seg < a.first || seg >= a.last) return;  // only segments that come after it (KEYS: before) would use it
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sX = (bf16*)(smem_raw + LY::X);  // keys (64 x D) or phi_q / den (64 x 128)
   bf16* sY = (bf16*)(smem_raw + LY::Y);
@@ -1792,8 +1794,8 @@ static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegS
 }
 // Exclusive prefix over segments from the sub-segment sums (split sub-segments a segment): FORWARD: segment s
 // gets the sum of segments < s; otherwise the sum of segments > s. One thread per (b, h, element); a fixed
-// order (deterministic). The sub-segment a pass leaves unwritten (the last for FORWARD, the first otherwise)
-// belongs to the segment that is summed last, so it is never read.
+// order (deterministic). The sub-segments a pass leaves unwritten (the last segment's for FORWARD, the first's
+// otherwise) belong to the segment that is summed last, so they are never read.
 template <bool FORWARD>
 static __global__ void segment_scan_kernel(float* __restrict__ segS, float* __restrict__ segZ, const float* __restrict__ subS,
                                            const float* __restrict__ subZ, int BH, int nseg, int nsub, int split, int D) {
@@ -3692,12 +3694,42 @@ struct Workspace {
   bf16* phiq_bf;                 // fast path: (B,T,H,128) phi_q / den, query side -> key side
   float* sum_part;               // (SUM_BLOCKS) partial sums of the stage-1 loss
 };
-inline int seg_chunks(const HybridAttnParams& p) { return p.seg_chunks > 0 ? p.seg_chunks : 16; }
+inline int sm_count() {  // of the current device (132 if it cannot be read); asked once
+  static const int n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    return v;
+  }();
+  return n;
+}
+// Segment length (chunks walked by one block of the main kernels). The main kernels' critical path is
+// (waves of blocks) x (chunks per block); among 16, 32 and 64 chunks the longest segment with the least of
+// that wins, because the prefix passes cost the chunks outside the last segment. H200, B*T = 8192, 32 heads:
+// T = 1024 one segment (any), 4096: 32 (128 blocks, one wave, instead of 256 in two), 16K and 32K: 64.
+inline int seg_chunks(const HybridAttnParams& p) {
+  if (p.seg_chunks > 0) return p.seg_chunks;
+  const long long NC = ceil_div(p.T, CHUNK), BH = (long long)p.B * p.H, sms = sm_count();
+  int best = 16;
+  long long best_cost = -1;
+  for (int G : {16, 32, 64}) {
+    const long long cost = ceil_div(ceil_div(NC, (long long)G) * BH, sms) * std::min<long long>(G, NC);
+    if (best_cost < 0 || cost <= best_cost) { best = G; best_cost = cost; }
+  }
+  return best;
+}
 inline int num_segments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p)); }
-// The segment-sum passes sum SUB-segments of seg_chunks / split chunks (the scan adds them up per segment):
-// a pass block is a serial chain of chunks at one block an SM, and 4K tokens give only 192 segment blocks
-// for 132 SMs (two waves, the second half empty); split 2 doubles the blocks and halves each chain.
-inline int seg_split(const HybridAttnParams& p) { return seg_chunks(p) % 2 == 0 && seg_chunks(p) >= 8 ? 2 : 1; }
+// The segment-sum passes sum SUB-segments of 8 chunks (seg_chunks / split; the scan adds them up per
+// segment): a pass block is a serial chain of chunks at one block an SM, and whole segments would give too
+// few blocks for the SMs (4K tokens in 16-chunk segments: 192 blocks for 132 SMs, two waves, the second
+// half empty). Odd test lengths: halves when even, else whole segments.
+inline int seg_split(const HybridAttnParams& p) {
+  const int G = seg_chunks(p);
+  if (G >= 16 && G % 8 == 0) return G / 8;
+  return G % 2 == 0 && G >= 8 ? 2 : 1;
+}
 inline int num_subsegments(const HybridAttnParams& p) { return ceil_div(ceil_div(p.T, CHUNK), seg_chunks(p) / seg_split(p)); }
 // Floats of the per-segment state prefixes a forward keeps for its backward (none with one segment).
 inline size_t seg_state_floats(const HybridAttnParams& p) {
@@ -3760,7 +3792,10 @@ inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape&
   const int G = seg_chunks(p), nseg = num_segments(p), split = seg_split(p), nsub = num_subsegments(p);
   if (nseg <= 1) return;
   const dim3 grid(nsub, p.H, p.B);
-  SegSumArgs sa{ws.subS, ws.subZ, x, y, W, saved.row_den, saved.row_delta, s, G / split, nsub};
+  // KEYS: segment g needs sub-segments < g * split, so the last segment's are unused; the reverse pass:
+  // segment g needs those >= (g + 1) * split, so the first segment's are unused.
+  SegSumArgs sa{ws.subS, ws.subZ, x, y, W, saved.row_den, saved.row_delta, s, G / split, nsub,
+                keys ? 0 : split, keys ? (nseg - 1) * split : nsub};
   const int scan_blocks = ceil_div((size_t)p.B * p.H * NF * (D + 1), 256);
   if (keys) {
     set_max_smem(segment_sum_kernel<D, true>, SegLayout<D>::BYTES);
