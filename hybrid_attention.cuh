@@ -92,8 +92,17 @@
 // sliding term), into the fp32 dv accumulator (16-byte atomics over the GQA heads); cost: R is accumulated
 // twice. (3) sink_kv_grad_kernel, then fast_window_kv_v3_kernel: a block per key chunk and kv head loops
 // over the group's query heads, summing the window's dk, dv and du_k Wk^T in registers, adds the
-// accumulators and writes bf16 dk, dv (no atomics, no conversion pass). The window tiles skip the causal
-// tile's 16-row blocks a warp never sees. 180-255 registers; the dk/dv window kernel spills 20 bytes.
+// accumulators and writes bf16 dk, dv (no atomics, no conversion pass). Its loop runs over (head, query
+// chunk) pairs with two shared-memory slots, so the next pair's q, dy tiles and row statistics (cp.async,
+// den inverted by the thread that copied it) arrive while this one computes: one slot per query chunk, the
+// earlier layout, left every head's loads exposed at 2 blocks an SM (registers: 255 a thread). The dq
+// kernel reads the arg max key's row k_{j*} from its shared tiles (j* is a softmax key), not from global
+// memory after the row sums, and prefetches the next head's dy, du_q and row statistics into L2 (no shared
+// memory is left for them at 2 blocks an SM); du Wq^T / du Wk^T load W's words 8 n-tiles at a time. (H200,
+// T = 1024: window dq 0.314 -> 0.279 ms, window dk dv 0.460 -> 0.450: the loads were not what bounds these
+// kernels; 8 warps an SM at 254-255 registers and the causal tile's uneven warps are the suspects.)
+// The window tiles skip the causal tile's 16-row blocks a warp never sees.
+// 180-255 registers; the dk/dv window kernel spills 4 bytes.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
@@ -264,6 +273,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
                "r"(valid ? 16 : 0));
 }
+// 4-byte copy (cp.async.ca: the only kind below 16 bytes); valid = false fills zeros.
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -344,6 +358,16 @@ static __global__ void delta_kernel(float* __restrict__ delta, const bf16* __res
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   float acc = 0.0f;
+  if (d == 128) {  // 8-byte loads, 4 columns a lane: the kernel is bound by bytes in flight (2-byte loads: 0.067 ms at 8K x 32 heads)
+    const size_t o = row * 128 + 4 * lane;
+    const uint2 a = *(const uint2*)(dy + o), b = *(const uint2*)(y + o);
+    const uint2 lo = y_lo ? *(const uint2*)(y_lo + o) : make_uint2(0u, 0u);
+    acc = bf16_lo(a.x) * (bf16_lo(b.x) + bf16_lo(lo.x)) + bf16_hi(a.x) * (bf16_hi(b.x) + bf16_hi(lo.x)) +
+          bf16_lo(a.y) * (bf16_lo(b.y) + bf16_lo(lo.y)) + bf16_hi(a.y) * (bf16_hi(b.y) + bf16_hi(lo.y));
+    acc = warp_sum(acc);
+    if (lane == 0) delta[row] = acc / den[row];
+    return;
+  }
   for (int c = lane; c < d; c += 32) {
     const float yv = __bfloat162float(y[row * d + c]) + (y_lo ? __bfloat162float(y_lo[row * d + c]) : 0.0f);
     acc += __bfloat162float(dy[row * d + c]) * yv;
@@ -2338,11 +2362,25 @@ __device__ __forceinline__ void mul_du_weights_t(float (&acc)[D / 8][4], const b
   uint32_t uf[4][4];
   frag_a_global<64>(uf, du, row_stride, r0, n_valid);
   const uint32_t* w = (const uint32_t*)W;
+  // The W words of NB n-tiles are loaded together, then multiplied: a few L2 round trips a call rather than
+  // one per n-tile (W is read through the read-only path; nothing writes it during the backward).
+  constexpr int NB = 8;
   #pragma unroll
-  for (int nt = 0; nt < D / 8; nt++) {
-    const uint32_t* wr = w + (8 * nt + g) * 32;  // B[k][n] = W[n][k]: row d = 8 nt + g, features 16 kk + 2t (+8)
+  for (int n0 = 0; n0 < D / 8; n0 += NB) {
+    uint32_t wb[NB][8];
     #pragma unroll
-    for (int kk = 0; kk < 4; kk++) mma_bf16(acc[nt], uf[kk], wr[8 * kk + t], wr[8 * kk + 4 + t]);
+    for (int i = 0; i < NB; i++) {
+      const uint32_t* wr = w + (8 * (n0 + i) + g) * 32;  // B[k][n] = W[n][k]: row d = 8 nt + g, features 16 kk + 2t (+8)
+      #pragma unroll
+      for (int kk = 0; kk < 4; kk++) {
+        wb[i][2 * kk] = __ldg(wr + 8 * kk + t);
+        wb[i][2 * kk + 1] = __ldg(wr + 8 * kk + 4 + t);
+      }
+    }
+    #pragma unroll
+    for (int i = 0; i < NB; i++)
+      #pragma unroll
+      for (int kk = 0; kk < 4; kk++) mma_bf16(acc[n0 + i], uf[kk], wb[i][2 * kk], wb[i][2 * kk + 1]);
   }
 }
 
@@ -2397,17 +2435,15 @@ __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b,
 // One head's window part of dk, dv for the warp's key rows [row0, +16) (global j0 = first of them) of key
 // chunk c (K, V tiles in sK, sV) against the queries loaded by load_window_queries:
 //   dv += A^T (dy / den),  dk += ds^T q / sqrt(d)  with ds = A (dP / den - delta) (+ dm at the arg max).
+// window_kv_chunk: one query chunk (u = 0: chunk c, the causal tile; u = 1: chunk c+1), its tiles Q, DY and
+// statistics st [5][64].
 template <int D>
-__device__ __forceinline__ void window_kv_accumulate(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
-                                                     const bf16* sK, const bf16* sV, const bf16* sQ, const bf16* sDY,
-                                                     const float* sSt, int nq_chunks, int warp, int g, int t,
-                                                     float gamma, bool sliding, const Shape& s, int j0) {
-  using TL = Tiles<D>;
+__device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
+                                                const bf16* sK, const bf16* sV, const bf16* Q, const bf16* DY,
+                                                const float* st, int u, int warp, int g, int t, float gamma,
+                                                bool sliding, const Shape& s, int j0) {
   const int row0 = warp * 16;
-  for (int u = 0; u < nq_chunks; u++) {
-    const bf16* Q = sQ + u * TL::TILE;
-    const bf16* DY = sDY + u * TL::TILE;
-    const float* st = sSt + u * 5 * 64;
+  {
     uint32_t ap[4][4], dsp[4][4];
     const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
     {
@@ -2438,6 +2474,15 @@ __device__ __forceinline__ void window_kv_accumulate(float (&dv)[Tiles<D>::NT][4
     mul_a_tile<D, false>(dv, ap, DY, qb_lo);
     mul_a_tile<D, false>(dk, dsp, Q, qb_lo);
   }
+}
+template <int D>
+__device__ __forceinline__ void window_kv_accumulate(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
+                                                     const bf16* sK, const bf16* sV, const bf16* sQ, const bf16* sDY,
+                                                     const float* sSt, int nq_chunks, int warp, int g, int t,
+                                                     float gamma, bool sliding, const Shape& s, int j0) {
+  for (int u = 0; u < nq_chunks; u++)
+    window_kv_chunk<D>(dv, dk, sK, sV, sQ + u * Tiles<D>::TILE, sDY + u * Tiles<D>::TILE, sSt + u * 5 * 64, u, warp, g, t,
+                       gamma, sliding, s, j0);
 }
 
 template <int D>
@@ -3404,7 +3449,26 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   for (int hh = 0; hh < s.group; hh++) {
     const int h = hk * s.group + hh;
     const bool more = hh + 1 < s.group;
-    if (more) load_q(hh + 1);  // its buffer's last readers (head hh-1) passed the barrier below
+    if (more) {
+      load_q(hh + 1);  // its buffer's last readers (head hh-1) passed the barrier below
+      // The next head's dy rows, du_q rows and row statistics, which this kernel reads into registers at the
+      // top of each head: into L2 now (first touches otherwise go to HBM while the block waits).
+      const int rn = tid >> 1, i = c * CHUNK + rn;
+      if (rn < rows_in(c)) {
+        const size_t ri = row_index(s, b, i, h + 1);
+        prefetch_l2(a.dy + ri * D + 64 * (tid & 1));
+        if (tid & 1) prefetch_l2(a.du_q + ri * 64);
+        else {
+          prefetch_l2(a.sv.row_max + ri);
+          prefetch_l2(a.sv.row_den + ri);
+        }
+      }
+      if (tid < rows_in(c)) {
+        const size_t ri = row_index(s, b, c * CHUNK + tid, h + 1);
+        prefetch_l2(a.sv.row_delta + ri);
+        prefetch_l2(a.sv.row_argmax + ri);
+      }
+    }
     cp_async_commit();
     const float gamma = sigmoidf_(a.wlogit[h]);
     const bf16* Q = sQ + (hh & 1) * TL::TILE;
@@ -3451,7 +3515,12 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
         a.sv.row_wgrad[ri] = rowsum[r];
       }
       if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
-        const uint32_t* kr = (const uint32_t*)(a.k + kv_index(s, b, arg[r], hk) * D);
+        // j* is a softmax key, so its row is in shared memory (sink tile, chunk c-1 or c): no dependent
+        // global load at the end of every head (global only if the saved arg max were outside the window)
+        const int j = arg[r], slot = j / CHUNK - (c - 1);
+        const uint32_t* kr = (const uint32_t*)(sink_tile && j < s.sinks ? sSK + j * LDT
+                                               : (slot == 1 || (slot == 0 && has_prev)) ? sK + slot * TL::TILE + (j % CHUNK) * LDT
+                                               : a.k + kv_index(s, b, j, hk) * D);
         const float f = -rowsum[r] * s.scale;
         #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -3485,22 +3554,38 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sK = (bf16*)(smem_raw + LY::K);
   bf16* sV = (bf16*)(smem_raw + LY::V);
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
-  bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
-  const size_t kstride = (size_t)s.Hkv * D;
+  bf16* sQ = (bf16*)(smem_raw + LY::Q);      // [2 slots]
+  bf16* sDY = (bf16*)(smem_raw + LY::DY);    // [2 slots]
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 slots][5][64]: m, 1/den, delta, dm, arg max
+  const size_t kstride = (size_t)s.Hkv * D, qstride = (size_t)s.H * D;
   auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
-  const int nq_chunks = c + 1 < s.NC ? 2 : 1;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1, n_it = s.group * nq_chunks;
   load_rows_async<D>(sK, LDT, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
   load_rows_async<D>(sV, LDT, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, 64, rows_in(c));
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
-  auto load_head = [&](int h) {  // query / dy tiles and row statistics of query chunks c, c+1 for head h
-    load_window_queries<D>(a, b, c, h, nq_chunks, sQ, sDY, sSt, tid);
+  // Iteration it = (head hh = it / nq_chunks, query chunk c + it % nq_chunks) uses slot it & 1: the query and
+  // dy tiles and the row statistics, all by cp.async (the statistics too: plain loads would stall the loading
+  // warps), so iteration it + 1's data arrives while it computes (the same shared memory as one slot per
+  // query chunk, which left every head's loads exposed). den arrives raw; its loader inverts it (1/den, 0 past T).
+  auto load_it = [&](int it) {
+    const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
+    load_rows_async<D>(sQ + sl * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
+    load_rows_async<D>(sDY + sl * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
+    if (tid < 64) {
+      const bool ok = tid < rows;
+      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
+      float* st = sSt + sl * 5 * 64;
+      cp_async4(st + tid, a.sv.row_max + ri, ok);
+      cp_async4(st + 64 + tid, a.sv.row_den + ri, ok);
+      cp_async4(st + 128 + tid, a.sv.row_delta + ri, ok);
+      cp_async4(st + 192 + tid, a.dm + ri, ok);
+      cp_async4(st + 256 + tid, a.sv.row_argmax + ri, ok);  // 0 past T: unused there (1/den = 0 masks the row)
+    }
     cp_async_commit();
   };
-  load_head(hk * s.group);
-  // The feature-map part first, while the first head's tiles arrive (and before dv is live: registers).
+  load_it(0);  // with K and V
+  // The feature-map part first, while the first tiles arrive (and before dv is live: registers).
   float dk[NT][4] = {};
   #pragma unroll 1
   for (int hh = 0; hh < s.group; hh++) {
@@ -3510,16 +3595,19 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   }
   float dv[NT][4] = {};
   #pragma unroll 1
-  for (int hh = 0; hh < s.group; hh++) {
-    const int h = hk * s.group + hh;
-    const float gamma = sigmoidf_(a.wlogit[h]);
-    if (hh > 0) {
-      __syncthreads();  // the last head's readers of sQ, sDY, sSt are done
-      load_head(h);
+  for (int it = 0; it < n_it; it++) {
+    if (it + 1 < n_it) load_it(it + 1);  // its slot's last readers (iteration it - 1) passed the barrier below
+    else cp_async_commit();              // an empty group: the wait below still means "iteration it's data"
+    cp_async_wait<1>();
+    const int sl = it & 1, u = it % nq_chunks, h = hk * s.group + it / nq_chunks;
+    if (tid < 64) {  // the thread that copied den_i sees it after its own wait
+      float* inv = sSt + sl * 5 * 64 + 64 + tid;
+      *inv = *inv != 0.0f ? 1.0f / *inv : 0.0f;
     }
-    cp_async_wait<0>();
     __syncthreads();
-    window_kv_accumulate<D>(dv, dk, sK, sV, sQ, sDY, sSt, nq_chunks, warp, g, t, gamma, sliding, s, j0);
+    window_kv_chunk<D>(dv, dk, sK, sV, sQ + sl * TL::TILE, sDY + sl * TL::TILE, sSt + sl * 5 * 64, u, warp, g, t,
+                       sigmoidf_(a.wlogit[h]), sliding, s, j0);
+    __syncthreads();  // slot sl is free for iteration it + 2
   }
   #pragma unroll
   for (int r = 0; r < 2; r++) {

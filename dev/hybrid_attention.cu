@@ -15,8 +15,9 @@ version 2: tensor-core kernels (HYBRID_IMPL_TENSOR_V2): mma.sync bf16/f16/tf32, 
            stage-1 loss fused.
 version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the backward's state kernels with 8 warps per block
            and the fp32 state in registers (mma accumulators, 16 state rows a warp); the full backward adds
-           a stateless window-dq kernel, a second state walk for dv = phi_k R (R^T by head-dim rows) and
-           version 2's window dk/dv kernel.
+           stateless window kernels (a block per chunk and kv head looping over the GQA group: dq per query
+           chunk; dk, dv per key chunk with the next (head, query chunk)'s tiles and row statistics arriving
+           by cp.async while one computes) and a second state walk for dv = phi_k R (R^T by head-dim rows).
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv); ms, microseconds per 1K tokens, TFLOP/s of the chunked algorithm's matrix
