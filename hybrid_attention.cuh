@@ -3782,13 +3782,11 @@ struct Workspace {
   bf16* phiq_bf;                 // fast path: (B,T,H,128) phi_q / den, query side -> key side
   float* sum_part;               // (SUM_BLOCKS) partial sums of the stage-1 loss
 };
-inline int sm_count() {  // of the current device (132 if it cannot be read); asked once
+inline int sm_count() {  // of the current device, asked once
   static const int n = [] {
     int dev = 0, v = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 132;
-    }
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
     return v;
   }();
   return n;

@@ -144,7 +144,10 @@ inline void stage1_micro_batch(Stage1& s, Blas& blas, const LlamaModel& m, Llama
                                cudaStream_t st, const std::function<void(int)>& after_layer = nullptr) {
   const size_t N = (size_t)a.B * a.T, nq = N * m.h.n_heads * m.h.head_dim, nkv = N * m.h.n_kv_heads * m.h.head_dim;
   bf16* const set0[4] = {a.q, a.k, a.v, a.att};
-  bf16* const set1[4] = {s.set1, s.set1 + nq, s.set1 + nq + nkv, s.set1 + nq + 2 * nkv};
+  bf16* set1[4] = {nullptr, nullptr, nullptr, nullptr};
+  if (s.overlap) {
+    set1[0] = s.set1; set1[1] = s.set1 + nq; set1[2] = set1[1] + nkv; set1[3] = set1[2] + nkv;
+  }
   // The hybrid's stream: it starts after what the main stream did before (parameter upload, zeroed
   // gradients, reset MSE sums).
   cudaStream_t hs = s.overlap ? s.side : st;
