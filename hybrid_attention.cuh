@@ -3,7 +3,8 @@
 // ../shared/LOLCATS.md §1; reference/hybrid_ref.h is its CPU oracle (the O(T^2) formula).
 //
 // USE. Stage 1: hybrid_attention_forward(..., &loss) then hybrid_attention_backward(..., y = dy = nullptr):
-// dWq, dWk, dw accumulate; nothing else is computed. Stage 2: forward without a loss, then backward with dy
+// dWq, dWk, dw accumulate; nothing else is computed (a forward with the loss saves only what that backward
+// reads: follow it with no other backward). Stage 2: forward without a loss, then backward with dy
 // and dq/dk/dv set. Buffers: HybridAttnSaved per layer (hybrid_saved_bytes), one scratch workspace for all
 // layers (hybrid_workspace_bytes). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
 //
@@ -57,8 +58,13 @@
 // (C) warp (row group rg = w % 4, half hf = w / 4) the softmax tiles of rows [16 rg, +16) for head-dim columns
 // [64 hf, +64) (both halves form the same scores, so the pair needs no max/sum exchange) and the sliding
 // term; (D) y = (numA + numL) / den and the fused loss, the two halves' row sums combined in a fixed order.
-// z stays in shared memory (read in (A), updated in (B), a barrier apart). 247-252 registers, no spills,
-// 203 KB of shared memory: one block of 8 warps per SM (twice version 2's warps, each with half the work).
+// z stays in shared memory (read in (A), updated in (B), a barrier apart). With the stage-1 loss, y_true comes
+// in by cp.async at the top of the chunk (awaited before (D)), and the window's arg max is not tracked (only
+// input gradients need it). 242-255 registers, no spills, 221 KB of shared memory: one block of 8 warps per
+// SM (twice version 2's warps, each with half the work). Where its time goes (ncu, H200, T = 1024): issue
+// slots 38 % busy, tensor pipe 19 %; per issued instruction the warps wait ~0.9 cycles on fixed latencies,
+// 0.8 on global memory, 0.7 on shared memory. Tried and dropped: Q double-buffered with K_c, V_c awaited
+// only after the feature maps (one more barrier; 0.399 -> 0.418 ms).
 //
 // BACKWARD. With g_i = dy_i / den_i and delta_i = dy_i . y_i / den_i:
 //   dA_ij = dB_ij = g_i . v_j - delta_i; on softmax keys ds_ij = A_ij dA_ij, and since m_i is a real function
@@ -160,9 +166,12 @@ struct HybridAttnWeights {
 // What the forward leaves for the backward (per layer; keep it until that layer's backward).
 // Carve it from one allocation of hybrid_saved_bytes() with hybrid_saved_carve().
 struct HybridAttnSaved {
-  float* row_max = nullptr;    // (B, T, H) m_i: max of the scaled scores over the softmax keys
+  float* row_max = nullptr;    // (B, T, H) m_i: max of the scaled scores over the softmax keys (*)
   float* row_den = nullptr;    // (B, T, H) the denominator sum A + sum B
-  int* row_argmax = nullptr;   // (B, T, H) position of the softmax key that attains m_i
+  int* row_argmax = nullptr;   // (B, T, H) position of the softmax key that attains m_i (*)
+                               // (*) only the input gradients read these; version 3's forward with the
+                               // stage-1 loss leaves them unwritten (that forward pairs with the stage-1
+                               // backward, which takes no dy)
   float* row_delta = nullptr;  // (B, T, H) dy_i . y_i / den_i (stage-1 forward, or the backward)
   float* row_wgrad = nullptr;  // (B, T, H) sum_j A_ij dA_ij (stage-1 forward, or the backward)
   bf16* dy = nullptr;          // (B, T, H, d) dL/dy written by the stage-1 forward (null if unused)
@@ -2709,7 +2718,7 @@ __device__ __forceinline__ void mul_a_tile_half(float (&acc)[8][4], const uint32
 }
 // Online softmax over one key tile for a warp's 16 query rows, output columns [col0, col0+64) only (the
 // two warps of a row group each take half of the head dim; both form the same scores, max and sums).
-template <int NKEYS, class MASK>
+template <int NKEYS, bool ARGMAX, class MASK>
 __device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2], float (&l)[2], float (&best)[2], int (&barg)[2],
                                                   const uint32_t (&qf)[8][4], const bf16* K, const __half* V, int key0,
                                                   int row0, float scale, int col0, MASK mask) {
@@ -2725,7 +2734,7 @@ __device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2
       const float x = mask(kl, row0 + g + 8 * r) ? sc[nt][e] * scale : -INFINITY;
       sc[nt][e] = x;
       tmax[r] = fmaxf(tmax[r], x);
-      if (x > best[r]) { best[r] = x; barg[r] = key0 + kl; }  // keys are visited in increasing order
+      if (ARGMAX && x > best[r]) { best[r] = x; barg[r] = key0 + kl; }  // keys are visited in increasing order
     }
   #pragma unroll
   for (int r = 0; r < 2; r++) {
@@ -2759,9 +2768,9 @@ struct Fwd3Layout {
   static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
                           WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
                           SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
-                          LL = Z + NF * 4, RED = LL + 64 * 4, BYTES = RED + 2 * 3 * 64 * 4;
+                          LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4, BYTES = YT + TL::TILE * 2;
 };
-template <bool SLIDING>
+template <bool SLIDING, bool STAGE1>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(FastFwdArgs a) {
   constexpr int D = 128;
   using TL = Tiles<D>;
@@ -2785,6 +2794,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   float* sZ = (float*)(smem_raw + LY::Z);
   float* sLL = (float*)(smem_raw + LY::LL);    // phi_q . z per query row
   float* sRed = (float*)(smem_raw + LY::RED);  // [half][sq, dy.y, dy.numA][64]
+  bf16* sYT = (bf16*)(smem_raw + LY::YT);      // the teacher's output y_true of the current chunk (stage 1)
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const float gamma = sigmoidf_(a.wlogit[h]);
@@ -2834,7 +2844,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     const __half* Vp = sV + prv * TL::TILE;
     const bool has_prev = c >= 1, has_state = c >= 2;
     cp_async_wait<0>();
-    __syncthreads();  // Q_c, K_c, V_c are in; the last chunk's readers of sNum, sLL, sRed are done
+    __syncthreads();  // Q_c, K_c, V_c are in; the last chunk's readers of sNum, sLL, sRed, sYT are done
+    // The teacher's output for (D): a coalesced copy now, awaited at the barrier before (D) (as 4-byte
+    // loads into registers in (C) it was scattered, and 16 registers a thread were held through the softmax).
+    if (ytb) {
+      load_rows_async_v3<D>(sYT, LDT, ytb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+      cp_async_commit();
+    }
 
     // (A) feature maps; V_c to f16 by everyone.
     tile_bf16_to_f16_v3<D>(Vc, LDT, 64);
@@ -2882,14 +2898,6 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     // (C) the softmax part (sinks as their own tile from chunk 2 on, chunk c-1, the causal part of chunk c)
     // for head-dim columns [64 hf, +64).
     const int col0 = 64 * hf;
-    uint32_t yt[2][8];  // the teacher's output for this warp's outputs, in flight during the softmax
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int i = c * CHUNK + row0 + g + 8 * r;
-      #pragma unroll
-      for (int nt = 0; nt < 8; nt++)
-        yt[r][nt] = (ytb && i < s.T) ? *(const uint32_t*)&ytb[(size_t)i * qstride + col0 + 8 * nt + 2 * t] : 0u;
-    }
     float o[8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, best[2] = {-INFINITY, -INFINITY};
     int barg[2] = {0, 0};
@@ -2897,21 +2905,25 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       uint32_t qf[8][4];
       #pragma unroll
       for (int kt = 0; kt < 8; kt++) frag_a(qf[kt], sQ, LDT, row0, 16 * kt);
+      // The arg max of the window scores serves only the input gradients: not tracked with the stage-1 loss
+      // (H200, T = 1024: the stage-1 forward 0.466 -> 0.451 ms).
       if (s.sinks > 0 && c >= 2)
-        softmax_tile_half<16>(o, m, l, best, barg, qf, sSK, sSV, 0, row0, s.scale, col0, [&](int kl, int) { return kl < s.sinks; });
+        softmax_tile_half<16, !STAGE1>(o, m, l, best, barg, qf, sSK, sSV, 0, row0, s.scale, col0,
+                                       [&](int kl, int) { return kl < s.sinks; });
       if (has_prev) {
         const int key0 = (c - 1) * CHUNK;
-        softmax_tile_half<64>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale, col0,
-                              [&](int kl, int rl) { return !SLIDING || kl > rl || key0 + kl < s.sinks; });
+        softmax_tile_half<64, !STAGE1>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale, col0,
+                                       [&](int kl, int rl) { return !SLIDING || kl > rl || key0 + kl < s.sinks; });
       }
-      softmax_tile_half<64>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, col0, [&](int kl, int rl) { return kl <= rl; });
+      softmax_tile_half<64, !STAGE1>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, col0,
+                                     [&](int kl, int rl) { return kl <= rl; });
     }
     #pragma unroll
     for (int r = 0; r < 2; r++) {
       l[r] = quad_sum(l[r]) * gamma;
       #pragma unroll
       for (int nt = 0; nt < 8; nt++) { o[nt][2 * r] *= gamma; o[nt][2 * r + 1] *= gamma; }
-      for (int off = 1; off < 4; off <<= 1) {  // arg max over the quad (ties: the earlier key)
+      for (int off = 1; off < 4 && !STAGE1; off <<= 1) {  // arg max over the quad (ties: the earlier key)
         const float bv = __shfl_xor_sync(0xffffffffu, best[r], off);
         const int ba = __shfl_xor_sync(0xffffffffu, barg[r], off);
         if (bv > best[r] || (bv == best[r] && ba < barg[r])) { best[r] = bv; barg[r] = ba; }
@@ -2949,7 +2961,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       lls[0] = quad_sum(lls[0]);
       lls[1] = quad_sum(lls[1]);
     }
-    __syncthreads();  // sNum complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
+    cp_async_wait<0>();  // y_true of chunk c (the only copy in flight)
+    __syncthreads();  // sNum, sYT complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
     if (c + 1 < c_end) {
       load_kv(c + 1);
       load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
@@ -2979,7 +2992,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
           *(uint32_t*)&a.y[ri * D + col] = yp;
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
-            const uint32_t tv = yt[r][nt];
+            const uint32_t tv = *(const uint32_t*)&sYT[rl * LDT + col];
             const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
@@ -2994,9 +3007,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         const int rl = row0 + g + 8 * r, i = c * CHUNK + rl;
         if (hf == 0 && t == 0 && i < s.T) {
           const size_t ri = row_index(s, b, i, h);
-          a.sv.row_max[ri] = m[r];
           a.sv.row_den[ri] = den[r];
-          a.sv.row_argmax[ri] = barg[r];
+          if (!STAGE1) {
+            a.sv.row_max[ri] = m[r];
+            a.sv.row_argmax[ri] = barg[r];
+          }
         }
         if (a.y_true) {
           sq[r] = quad_sum(sq[r]);
@@ -3078,8 +3093,9 @@ __device__ __forceinline__ void phi_backward_rows_v3(bf16* out, size_t out_strid
 // ---- stage-1 backward, query side, version 3 ----
 // Per chunk c: (A) warps 0-3 phi_k(c-1) (bf16, to shared), warps 4-7 phi_q(c) (f16 to shared, phi_q / den
 // to global for the key side); (B) warp w, owning features [16 w, +16) of S (128 x d) as accumulators:
-// dphi_q^T = S dy^T / den - z delta^T for its features (to the shared fp32 tile), then S += phi_k^T V_{c-1};
-// (C) sliding: the masked keys of chunk c-1, added by row-group warps; then du_q, 4 threads a row.
+// dphi_q^T = S dy^T / den - z delta^T for its features (to the shared fp32 tile), then S += phi_k^T V_{c-1}
+// (and warps 4-7 z += the column sums of phi_k); (C) sliding: the masked keys of chunk c-1, added by
+// row-group warps; then du_q, 4 threads a row.
 struct BwdQ3Layout {
   using TL = Tiles<128>;
   static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + TL::TILE * 2, DY = V + 2 * TL::TILE * 2,
@@ -3208,9 +3224,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         }
     }
     if (has_prev) state_accumulate<false>(st, sPK, LDP, 16 * warp, Vp, LDT);
-    if (tid < NF) {
-      zn[tid] = zc[tid];
-      if (has_prev) column_sum_update<false>(zn, sPK, LDP, nullptr);
+    if (tid >= V3_THREADS - NF) {  // warps 4-7 (warps 0-3 had phi_k in (A))
+      const int f = tid - (V3_THREADS - NF);
+      zn[f] = zc[f];
+      if (has_prev) column_sum_update<false>(zn, sPK, LDP, nullptr, f);
     }
     __syncthreads();  // sDP complete
 
@@ -3251,7 +3268,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
 // Walks the key chunks backwards with R = sum over query chunks >= c+2 of (phi_q / den)^T dy (warp w owns
 // features [16 w, +16) as accumulators) and r = sum phi_q delta (shared, double-buffered). Per key chunk c:
 // (A) warps 0-3 phi_k(c) (bf16, sinks and rows past T zeroed); (B) dphi_k^T = R V^T - r for the warp's
-// features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1; (C) sliding term, du_k.
+// features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1, and warps 4-7, which
+// have no (A), r += phi_q delta (the barrier after (B) waited on warps 0-3 alone); (C) sliding term, du_k.
 struct BwdK3Layout {
   using TL = Tiles<128>;
   static constexpr size_t K = 0, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
@@ -3360,9 +3378,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         }
     }
     if (has_q) state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
-    if (tid < NF) {
-      rn[tid] = rc[tid];
-      if (has_q) column_sum_update<false>(rn, PQc, LDP, dd);
+    if (tid >= V3_THREADS - NF) {  // warps 4-7, which have no (A): H200, T = 1024, 0.212 -> 0.202 ms
+      const int f = tid - (V3_THREADS - NF);
+      rn[f] = rc[f];
+      if (has_q) column_sum_update<false>(rn, PQc, LDP, dd, f);
     }
     __syncthreads();  // sPK, sDP complete
 
@@ -3920,13 +3939,11 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
                  loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
   const dim3 grid(num_segments(p), p.H, p.B);
   if (uses_v3(p)) {
-    if (p.geometry == HYBRID_SLIDING) {
-      set_max_smem(fast_forward_v3_kernel<true>, Fwd3Layout::BYTES);
-      fast_forward_v3_kernel<true><<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
-    } else {
-      set_max_smem(fast_forward_v3_kernel<false>, Fwd3Layout::BYTES);
-      fast_forward_v3_kernel<false><<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
-    }
+    const bool sliding = p.geometry == HYBRID_SLIDING;
+    auto kf = loss ? (sliding ? fast_forward_v3_kernel<true, true> : fast_forward_v3_kernel<false, true>)
+                   : (sliding ? fast_forward_v3_kernel<true, false> : fast_forward_v3_kernel<false, false>);
+    set_max_smem(kf, Fwd3Layout::BYTES);
+    kf<<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
   } else {
     set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
     fast_forward_kernel<D><<<grid, 128, FwdLayout<D>::BYTES, stream>>>(fa);

@@ -7,6 +7,8 @@ CPU reference (reference/hybrid_ref.h, fp64) on fresh random inputs, then timed 
   dev/build/hybrid_attention            # all versions
   dev/build/hybrid_attention 2          # one version
   dev/build/hybrid_attention 2 3 --quick  # versions 2 and 3, T = 1024 and 4096 only
+  dev/build/hybrid_attention 3 --once 1024  # one stage-1 and one full pass at T = 1024, nothing else
+                                            # (for a profiler: ncu -k regex:v3 dev/build/hybrid_attention ...)
 
 version 1: plain CUDA-core kernels (HYBRID_IMPL_PLAIN): feature maps and per-chunk states materialised in
            global memory, one warp per query / key row. Simple, linear in T, slow.
@@ -287,11 +289,24 @@ void profile_stages(int version, int T) {
     printf("v%d T=%-6d B=%d stage %-40s %8.3f ms\n", version, T, p.B, names[i].c_str(), total[i] / reps);
 }
 
+// --once T: one stage-1 pass and one full pass of each asked version at the benchmark shape, after one
+// warm-up of each; no validation, no timing. What a profiler should see.
+void run_once(int version, int T) {
+  HybridAttnParams p;
+  p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64; p.impl = impl_of(version);
+  Problem P(p, 5, false);
+  for (int r = 0; r < 2; r++) { P.forward(true); P.backward_stage1(); P.forward(false); P.backward_full(); }
+  CUDA_CHECK(cudaDeviceSynchronize());
+  printf("v%d T=%d: two stage-1 and two full passes done\n", version, T);
+}
+
 int main(int argc, char** argv) {
   constexpr int NV = 3;  // versions
   bool want[NV + 1] = {false}, any = false, quick = false;
+  int once_T = 0;
   for (int i = 1; i < argc; i++) {
     if (std::string(argv[i]) == "--quick") quick = true;
+    else if (std::string(argv[i]) == "--once" && i + 1 < argc) once_T = atoi(argv[++i]);
     else {
       const int v = atoi(argv[i]);
       if (v < 1 || v > NV) fatal("unknown version %s (1..%d)", argv[i], NV);
@@ -302,6 +317,11 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  if (once_T > 0) {
+    for (int version = 1; version <= NV; version++)
+      if (!skip(version)) run_once(version, once_T);
+    return 0;
+  }
   bool ok = true;
   for (int version = 1; version <= NV; version++) {
     if (skip(version)) continue;
