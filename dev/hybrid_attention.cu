@@ -7,8 +7,8 @@ CPU reference (reference/hybrid_ref.h, fp64) on fresh random inputs, then timed 
   dev/build/hybrid_attention            # all versions
   dev/build/hybrid_attention 2          # one version
   dev/build/hybrid_attention 2 3 --quick  # versions 2 and 3, T = 1024 and 4096 only
-  dev/build/hybrid_attention 3 --once 1024  # one stage-1 and one full pass at T = 1024, nothing else
-                                            # (for a profiler: ncu -k regex:v3 dev/build/hybrid_attention ...)
+  dev/build/hybrid_attention 3 --once 1024  # two stage-1 and two full passes at T = 1024, nothing else (for
+                                            # a profiler: skip the first pass's kernels with --launch-skip)
 
 version 1: plain CUDA-core kernels (HYBRID_IMPL_PLAIN): feature maps and per-chunk states materialised in
            global memory, one warp per query / key row. Simple, linear in T, slow.
@@ -289,8 +289,8 @@ void profile_stages(int version, int T) {
     printf("v%d T=%-6d B=%d stage %-40s %8.3f ms\n", version, T, p.B, names[i].c_str(), total[i] / reps);
 }
 
-// --once T: one stage-1 pass and one full pass of each asked version at the benchmark shape, after one
-// warm-up of each; no validation, no timing. What a profiler should see.
+// --once T: at the benchmark shape, each asked version runs a stage-1 pass and a full pass twice (the first
+// time as a warm-up a profiler skips); no validation, no timing.
 void run_once(int version, int T) {
   HybridAttnParams p;
   p.B = std::max(1, 8192 / T); p.T = T; p.H = 32; p.Hkv = 8; p.d = 128; p.f = 64; p.impl = impl_of(version);
@@ -306,7 +306,10 @@ int main(int argc, char** argv) {
   int once_T = 0;
   for (int i = 1; i < argc; i++) {
     if (std::string(argv[i]) == "--quick") quick = true;
-    else if (std::string(argv[i]) == "--once" && i + 1 < argc) once_T = atoi(argv[++i]);
+    else if (std::string(argv[i]) == "--once") {
+      if (i + 1 >= argc || (once_T = atoi(argv[i + 1])) < 1) fatal("--once needs a sequence length T >= 1");
+      i++;
+    }
     else {
       const int v = atoi(argv[i]);
       if (v < 1 || v > NV) fatal("unknown version %s (1..%d)", argv[i], NV);

@@ -25,8 +25,12 @@ struct Shape {
 };
 
 int main(int argc, char** argv) {
-  const int N = argc > 1 ? atoi(argv[1]) : 8192;
-  const bool sustained = argc > 2 && std::string(argv[2]) == "--sustained";
+  int N = 8192;
+  bool sustained = false;
+  for (int i = 1; i < argc; i++) {
+    if (std::string(argv[i]) == "--sustained") sustained = true;
+    else if ((N = atoi(argv[i])) < 1) fatal("usage: matmul [N tokens >= 1] [--sustained]; got '%s'", argv[i]);
+  }
   const int D = 4096, F = 14336, Q = 4096, KV = 1024;  // Llama 3 8B (vocab 128256: the head runs in chunks of 16384)
   const Shape shapes[] = {
       {"qkv", Q + 2 * KV, D, CUDA_R_16BF, false},  {"o (+=, fp32 out)", D, Q, CUDA_R_32F, true},
