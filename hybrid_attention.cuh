@@ -51,15 +51,17 @@
 // FORWARD, version 3 (fast_forward_v3_kernel, d = 128). Same segments, 8 warps (256 threads). The fp32
 // state lives in REGISTERS: warp w owns rows [16w, 16w + 16) of S^T (d x 128) as mma C fragments (64
 // registers a thread), so S^T += V_{c-1}^T phi_k(c-1) is an mma chain into them (f16), and numL^T = S^T
-// phi_q^T uses them as the tf32 A operand: A wants k-columns (t, t+4) where C holds (2t, 2t+1); k is summed
-// over, so logical k (t, t+4) is read as physical feature (2t, 2t+1) from B too (one 16-bit pair load from
-// the row-major phi_q tile; no shuffles). numL^T goes to an fp32 shared tile (query, d). Per chunk: (A) warps
+// phi_q^T takes them as f16 A fragments (the C fragments of two n-tiles are the A fragment of one 16-wide
+// k-step), scaled per warp by a power of two that fits f16's range (state_times_tile_t). numL^T goes to an
+// fp32 shared tile (query, d). Per chunk: (A) warps
 // 0-3 phi_k(c-1), warps 4-7 phi_q(c) and phi_q . z; (B) every warp its state rows: numL^T, then the update;
 // (C) warp (row group rg = w % 4, half hf = w / 4) the softmax tiles of rows [16 rg, +16) for head-dim columns
 // [64 hf, +64) (both halves form the same scores, so the pair needs no max/sum exchange) and the sliding
 // term; (D) y = (numA + numL) / den and the fused loss, the two halves' row sums combined in a fixed order.
 // z stays in shared memory (read in (A), updated in (B), a barrier apart). With the stage-1 loss, y_true comes
-// in by cp.async at the top of the chunk (awaited before (D)), and the window's arg max is not tracked (only
+// in by cp.async at the top of the chunk (awaited before (D)), the feature maps go to `saved` for the
+// backward (phi_q of chunk c, phi_k of chunk c-1, 16-byte copies of the shared tiles), and the window's arg
+// max is not tracked (only
 // input gradients need it). 242-255 registers, no spills, 221 KB of shared memory: one block of 8 warps per
 // SM (twice version 2's warps, each with half the work). Where its time goes (ncu, H200, T = 1024): issue
 // slots 38 % busy, tensor pipe 19 %; per issued instruction the warps wait ~0.9 cycles on fixed latencies,
@@ -84,10 +86,10 @@
 // Backward, version 3 (d = 128; fast_backward_query_v3_kernel, fast_backward_key_v3_kernel): 8 warps,
 // the state in registers partitioned by FEATURES (warp w owns rows [16w, +16) of S or R, 128 x d), because
 // dphi_q = g S^T and dphi_k = V R^T contract over d: dphi^T (features x rows) = S dy^T takes S's C fragments
-// as the tf32 A operand with the forward's permutation (B: one bf16 pair from the row-major dy or V tile),
-// goes to an fp32 shared tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise).
-// z (query side) and r (key side) are double-buffered in shared memory. 180-204 registers, no spills, ~210 KB
-// of shared memory.
+// as bf16 A fragments, split hi + lo (B: the row-major dy or V tile by ldmatrix), goes to an fp32 shared
+// tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise). z (query side) and r
+// (key side) are double-buffered in shared memory. In stage 1 they load the forward's feature maps instead
+// of recomputing them (PHI_SAVED). 167-196 registers, no spills, ~210 KB of shared memory.
 // Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k; what they cannot give
 // cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (a block per query chunk and kv
 // head, looping over the GQA group's query heads, which share the K/V tiles; 2 blocks an SM): the window's
@@ -116,8 +118,8 @@
 //
 // PRECISION. bf16 inputs; q K^T and the feature-map products in bf16 mma (exact products); probabilities and
 // features in f16 (11-bit mantissa: bf16 probabilities would cost as much error as storing y in bf16); products
-// with the fp32 state in tf32; accumulation in fp32 (version 3: the same formats and products, other
-// summation orders). Against fp64 on the same bf16 inputs: forward ~1.6e-3
+// with the fp32 state in tf32 (version 3: the state in f16 scaled per warp to its largest entry, or split
+// into bf16 hi + lo, as precise as tf32 or more, see state_times_tile_t); accumulation in fp32. Against fp64 on the same bf16 inputs: forward ~1.6e-3
 // (the bf16 output alone is ~1.7e-3 rms), gradients 2e-3 .. 5e-3. Limits: window 64, sinks <= 16, and on the
 // tensor path |v| <= 65504 (V is staged in f16).
 //
@@ -181,6 +183,9 @@ struct HybridAttnSaved {
                                // cancelling terms) with percent-level noise. Stage 1 never needs it.
   float* seg_state = nullptr;  // tensor-core path with more than one segment: the linear state before each
                                // segment, (B, H, nseg, 128, d) then (B, H, nseg, 128); the backward reuses it
+  __half* phi_q = nullptr;     // (B, T, H, 128) version 3, stage 1 (carved with dy): the forward's phi_q (f16)
+  __half* phi_k = nullptr;     // (B, T, H, 128) and phi_k (f16; zero for the sinks, the last chunk unwritten), so
+                               // the stage-1 backward loads the feature maps instead of recomputing them
 };
 
 // The stage-1 loss fused into the forward: MSE(y, y_true) over all B*T*H*d elements.
@@ -211,7 +216,8 @@ inline size_t hybrid_workspace_bytes(const HybridAttnParams& p);
 
 // y (B, T, H, d) = hybrid attention of q (B, T, H, d), k, v (B, T, Hkv, d). With `loss` it also adds the
 // MSE against loss->y_true to *loss->mse and leaves dy, delta and the window-factor terms in `saved`, so
-// the backward needs no dy (stage 1).
+// the backward needs no dy (stage 1); y may then be null (stage 1 never reads it: 2 bytes an element
+// not written).
 inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, const bf16* k, const bf16* v,
                                      const HybridAttnWeights& wts, bf16* y, const HybridAttnSaved& saved,
                                      void* workspace, const HybridStage1Loss* loss, cudaStream_t stream);
@@ -708,7 +714,7 @@ static __global__ void __launch_bounds__(128) generic_forward_kernel(GenericFwdA
       numA[u] = nA;
       yv[u] = (nA + nB + nS) / den;
       const bf16 yb = __float2bfloat16(yv[u]);
-      a.y[ri * s.d + col] = yb;
+      if (a.y) a.y[ri * s.d + col] = yb;
       if (a.sv.y_lo) a.sv.y_lo[ri * s.d + col] = __float2bfloat16(yv[u] - __bfloat162float(yb));
     }
     if (lane == 0) {
@@ -1647,7 +1653,7 @@ static __global__ void __launch_bounds__(128, 1) fast_forward_kernel(FastFwdArgs
           const int col = 8 * nt + 2 * t;
           const float y0 = (o[nt][2 * r] + ol[nt][2 * r]) * inv[r], y1 = (o[nt][2 * r + 1] + ol[nt][2 * r + 1]) * inv[r];
           const uint32_t yp = pack_bf16(y0, y1);
-          *(uint32_t*)&a.y[ri * D + col] = yp;
+          if (a.y) *(uint32_t*)&a.y[ri * D + col] = yp;  // stage 1 may skip y: nothing reads it
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
             const uint32_t tv = *(const uint32_t*)&sYT[(row0 + g + 8 * r) * LDT + col];
@@ -2659,30 +2665,91 @@ __device__ __forceinline__ void tile_bf16_to_f16_v3(void* tile, int ld, int nrow
     *p = x;
   }
 }
-// tf32 A fragment of k-step j from the C fragment of the state's n-tile j (the permutation above).
-__device__ __forceinline__ void tf32_a_from_c(uint32_t (&a)[4], const float (&c)[4]) {
-  a[0] = to_tf32(c[0]);
-  a[1] = to_tf32(c[2]);
-  a[2] = to_tf32(c[1]);
-  a[3] = to_tf32(c[3]);
+template <int COLS>
+__device__ __forceinline__ void tile_f16_to_bf16_v3(void* tile, int ld, int nrows) {
+  constexpr int CPR = COLS / 8;
+  for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
+    uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
+    uint4 x = *p;
+    uint32_t* w = (uint32_t*)&x;
+    #pragma unroll
+    for (int i = 0; i < 4; i++) w[i] = pack_bf16(f16_lo(w[i]), f16_hi(w[i]));
+    *p = x;
+  }
 }
 // out (16 state rows x 64 chunk rows) = State (16 x 128, C fragments) . X^T, where X is a 64 x 128 row-major
-// 16-bit shared tile (row stride ld elements): B[k][n] = X[n][k], read as one 16-bit pair per k-step.
+// 16-bit shared tile (row stride ld elements): B[k][n] = X[n][k], two n-tiles a k-step from one ldmatrix.
+// The fp32 state enters the 16-bit mma as A fragments straight from its C fragments (pack_c_to_a's
+// layout), at least as precisely as the tf32 products used before, with a third of the instructions (tf32
+// took one 16-bit pair load and two conversions per mma, and half the k per mma). H200, same calls: T = 1024
+// stage-1 forward + loss about -5 %, stage-1 backward -3 %, linear dv -7 %; T = 4096 stage-1 forward -12 %.
+//  - X in f16 (the forward's phi_q, whose f16 must not meet bf16): the state in f16, scaled per warp by a
+//    power of two that puts its largest |entry| in [2^13, 2^14) (f16's range ends at 65504), so every
+//    entry within 2^-28 of the largest keeps f16's 11 significant bits, tf32's precision; the product is
+//    scaled back exactly. The warp's rows are its own output rows, so no other warp needs its scale.
+//  - X in bf16 (dy, V, the dv pass's phi_k): the state split into bf16 hi + lo (16 significant bits, fp32's
+//    range), two bf16 mma a product.
+__device__ __forceinline__ float warp_f16_scale(const float (&st)[16][4], float* inv) {
+  float mx = 0.0f;
+  #pragma unroll
+  for (int j = 0; j < 16; j++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) mx = fmaxf(mx, fabsf(st[j][e]));
+  mx = warp_max(mx);  // NaN and Inf propagate through the scaled products like any other value
+  // mx in [2^(ex-127), 2^(ex-126)): times 2^(140-ex) it lies in [2^13, 2^14). Clamped so that both the
+  // scale and its inverse are normal floats (a zero or denormal state gets the largest scale: still zero).
+  const int ex = (__float_as_int(mx) >> 23) & 0xff;
+  const int sh = max(-100, min(100, 140 - ex));
+  *inv = __int_as_float((127 - sh) << 23);
+  return __int_as_float((127 + sh) << 23);
+}
 template <bool HALF>
 __device__ __forceinline__ void state_times_tile_t(float (&out)[8][4], const float (&st)[16][4], const void* X, int ld) {
-  const int l = lane_id(), g = l >> 2, t = l & 3;
-  const uint32_t* P = (const uint32_t*)X;
   #pragma unroll
   for (int n = 0; n < 8; n++) out[n][0] = out[n][1] = out[n][2] = out[n][3] = 0.0f;
-  #pragma unroll
-  for (int j = 0; j < 16; j++) {
-    uint32_t a[4];
-    tf32_a_from_c(a, st[j]);
+  const unsigned short* Xs = (const unsigned short*)X;
+  if (HALF) {
+    float inv;
+    const float sc = warp_f16_scale(st, &inv);
     #pragma unroll
-    for (int n = 0; n < 8; n++) {
-      const uint32_t w = P[((8 * n + g) * ld + 8 * j + 2 * t) / 2];
-      const float lo = HALF ? f16_lo(w) : bf16_lo(w), hi = HALF ? f16_hi(w) : bf16_hi(w);  // exact in tf32
-      mma_tf32(out[n], a, __float_as_uint(lo), __float_as_uint(hi));
+    for (int k = 0; k < 8; k++) {
+      uint32_t a[4];
+      a[0] = pack_f16(st[2 * k][0] * sc, st[2 * k][1] * sc);
+      a[1] = pack_f16(st[2 * k][2] * sc, st[2 * k][3] * sc);
+      a[2] = pack_f16(st[2 * k + 1][0] * sc, st[2 * k + 1][1] * sc);
+      a[3] = pack_f16(st[2 * k + 1][2] * sc, st[2 * k + 1][3] * sc);
+      #pragma unroll
+      for (int np = 0; np < 4; np++) {
+        uint32_t bb[4];
+        frag_b_nk(bb, Xs, ld, 16 * np, 16 * k);
+        mma_f16(out[2 * np], a, bb[0], bb[1]);
+        mma_f16(out[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    #pragma unroll
+    for (int n = 0; n < 8; n++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) out[n][e] *= inv;
+  } else {
+    #pragma unroll
+    for (int k = 0; k < 8; k++) {
+      uint32_t hi[4], lo[4];
+      #pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float (&c)[4] = st[2 * k + (i >> 1)];
+        const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
+        hi[i] = pack_bf16(x0, x1);
+        lo[i] = pack_bf16(x0 - bf16_lo(hi[i]), x1 - bf16_hi(hi[i]));
+      }
+      #pragma unroll
+      for (int np = 0; np < 4; np++) {
+        uint32_t bb[4];
+        frag_b_nk(bb, Xs, ld, 16 * np, 16 * k);
+        mma_bf16(out[2 * np], hi, bb[0], bb[1]);
+        mma_bf16(out[2 * np], lo, bb[0], bb[1]);
+        mma_bf16(out[2 * np + 1], hi, bb[2], bb[3]);
+        mma_bf16(out[2 * np + 1], lo, bb[2], bb[3]);
+      }
     }
   }
 }
@@ -2879,6 +2946,15 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       }
     }
     __syncthreads();  // phi tiles, sLL, V_c (f16)
+    if (STAGE1 && a.sv.phi_q) {  // the feature maps for the backward, 16 bytes a thread and step
+      for (int idx = tid; idx < 2 * 64 * (NF / 8); idx += V3_THREADS) {
+        const int which = idx / (64 * (NF / 8)), r = (idx / (NF / 8)) % 64, cc = idx % (NF / 8);
+        const int pos = (c - which) * CHUNK + r;  // phi_q of chunk c, phi_k of chunk c-1
+        if ((which && !has_prev) || pos >= s.T) continue;
+        const uint4 x = *(const uint4*)((const unsigned short*)(which ? (const void*)sPK : (const void*)sPQ) + r * LDP + 8 * cc);
+        *(uint4*)((unsigned short*)(which ? (void*)a.sv.phi_k : (void*)a.sv.phi_q) + row_index(s, b, pos, h) * NF + 8 * cc) = x;
+      }
+    }
 
     // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
     // after every read of z, which happened in (A)).
@@ -2989,7 +3065,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
           const float y0 = (o[nt][2 * r] + nl.x + ol[nt][2 * r]) * inv[r];
           const float y1 = (o[nt][2 * r + 1] + nl.y + ol[nt][2 * r + 1]) * inv[r];
           const uint32_t yp = pack_bf16(y0, y1);
-          *(uint32_t*)&a.y[ri * D + col] = yp;
+          if (a.y) *(uint32_t*)&a.y[ri * D + col] = yp;  // stage 1 may skip y: nothing reads it
           if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
           if (a.y_true) {
             const uint32_t tv = *(const uint32_t*)&sYT[rl * LDT + col];
@@ -3096,6 +3172,11 @@ __device__ __forceinline__ void phi_backward_rows_v3(bf16* out, size_t out_strid
 // dphi_q^T = S dy^T / den - z delta^T for its features (to the shared fp32 tile), then S += phi_k^T V_{c-1}
 // (and warps 4-7 z += the column sums of phi_k); (C) sliding: the masked keys of chunk c-1, added by
 // row-group warps; then du_q, 4 threads a row.
+// PHI_SAVED (stage 1, the forward kept phi_q and phi_k): the feature maps arrive by cp.async with the
+// chunk's other tiles, double-buffered in the slots Q and K would use, and (A) is only the row statistics
+// and phi_q / den for the key side (H200, T = 1024, same calls: query side 0.259 -> 0.251 ms, key side 0.196 ->
+// 0.158, the forward + loss 0.440 -> 0.461 for the copies: stage-1 fwd + bwd 0.960 -> 0.935). The phi_k tile is
+// turned into bf16 in place (its products with V and dy are bf16 ones, as when it is recomputed).
 struct BwdQ3Layout {
   using TL = Tiles<128>;
   static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + TL::TILE * 2, DY = V + 2 * TL::TILE * 2,
@@ -3103,7 +3184,7 @@ struct BwdQ3Layout {
                           DP = PQ + TL::PT * 2, Z = DP + 64 * V3_LDN * 4, INV = Z + 2 * NF * 4, DEL = INV + 64 * 4,
                           BYTES = DEL + 64 * 4;
 };
-template <bool SLIDING>
+template <bool SLIDING, bool PHI_SAVED>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_kernel(FastBwdArgs a) {
   constexpr int D = 128;
   using TL = Tiles<D>;
@@ -3134,17 +3215,27 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+  // Saved feature maps: phi_q(c) in slot c & 1 of (sPQ, sQ), phi_k(c-1) in slot c & 1 of (sPK, sK).
+  const size_t pstride = (size_t)s.H * NF;
+  const unsigned short* pqb = PHI_SAVED ? (const unsigned short*)a.sv.phi_q + row_index(s, b, 0, h) * NF : nullptr;
+  const unsigned short* pkb = PHI_SAVED ? (const unsigned short*)a.sv.phi_k + row_index(s, b, 0, h) * NF : nullptr;
+  auto pq_slot = [&](int c) { return (unsigned short*)((c & 1) ? (void*)sQ : (void*)sPQ); };
+  auto pk_slot = [&](int c) { return (unsigned short*)((c & 1) ? (void*)sK : (void*)sPK); };
   // The tiles chunk c reads: Q_c, dy_c (slot c & 1), K_{c-1}, V_{c-1} (slot (c-1) & 1).
   auto load_for = [&](int c) {
-    load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    if (PHI_SAVED) load_rows_async_v3<NF>(pq_slot(c), LDP, pqb + (size_t)c * CHUNK * pstride, pstride, 64, rows_in(c));
+    else load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
     load_rows_async_v3<D>(sDY + (c & 1) * TL::TILE, LDT, dyb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
     if (c >= 1) {
-      load_rows_async_v3<D>(sK, LDT, kb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
+      if (PHI_SAVED) load_rows_async_v3<NF>(pk_slot(c), LDP, pkb + (size_t)(c - 1) * CHUNK * pstride, pstride, 64, rows_in(c - 1));
+      else load_rows_async_v3<D>(sK, LDT, kb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
       load_rows_async_v3<D>(sV + ((c - 1) & 1) * TL::TILE, LDT, vb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
     }
   };
-  load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
-  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (!PHI_SAVED) {
+    load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+    load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  }
   load_for(c_begin);
   cp_async_commit();
   float st[16][4];  // S: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
@@ -3165,12 +3256,18 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   for (int c = c_begin; c < c_end; c++) {
     const bf16* Vp = sV + ((c - 1) & 1) * TL::TILE;
     const bf16* DYc = sDY + (c & 1) * TL::TILE;
+    const __half* PQc = PHI_SAVED ? (const __half*)pq_slot(c) : sPQ;
+    const bf16* PKc = PHI_SAVED ? (const bf16*)pk_slot(c) : sPK;
     const float* zc = sZ + (c & 1) * NF;
     float* zn = sZ + ((c + 1) & 1) * NF;
     const bool has_prev = c >= 1, has_state = c >= 2;
     const int i0 = c * CHUNK;
     cp_async_wait<0>();
     __syncthreads();  // this chunk's tiles are in; the last chunk's readers are done
+    if (PHI_SAVED) {  // chunk c+1's tiles go to the other slots, last read in chunk c-1
+      if (c + 1 < c_end) load_for(c + 1);
+      cp_async_commit();
+    }
 
     // (A) feature maps, per-row statistics
     if (tid < 64) {
@@ -3179,7 +3276,22 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
       sInv[tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
       sDel[tid] = ok ? a.sv.row_delta[ri] : 0.0f;
     }
-    if (hf == 0) {
+    if (PHI_SAVED) {
+      if (has_prev) tile_f16_to_bf16_v3<NF>((void*)PKc, LDP, 64);  // the products with V and dy are in bf16
+      __syncthreads();  // sInv, phi_k in bf16
+      for (int idx = tid; idx < 64 * (NF / 8); idx += V3_THREADS) {  // phi_q / den for the key side, 16 bytes a step
+        const int r = idx / (NF / 8), cc = idx % (NF / 8);
+        if (i0 + r >= s.T) continue;
+        const uint4 x = *(const uint4*)((const unsigned short*)PQc + r * LDP + 8 * cc);
+        const uint32_t* w = (const uint32_t*)&x;
+        const float inv = sInv[r];
+        uint4 o4;
+        uint32_t* ow = (uint32_t*)&o4;
+        #pragma unroll
+        for (int i = 0; i < 4; i++) ow[i] = pack_bf16(f16_lo(w[i]) * inv, f16_hi(w[i]) * inv);
+        *(uint4*)(a.phiq_out + row_index(s, b, i0 + r, h) * NF + 8 * cc) = o4;
+      }
+    } else if (hf == 0) {
       if (has_prev) {
         float ph[16][4];
         feature_map_smem<D>(ph, sK, row0, sWk);
@@ -3202,9 +3314,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         }
       }
     }
-    __syncthreads();  // phi tiles, sInv, sDel; Q_c and K_{c-1} no longer read: fetch for chunk c+1
-    if (c + 1 < c_end) load_for(c + 1);
-    cp_async_commit();
+    if (!PHI_SAVED) {
+      __syncthreads();  // phi tiles, sInv, sDel; Q_c and K_{c-1} no longer read: fetch for chunk c+1
+      if (c + 1 < c_end) load_for(c + 1);
+      cp_async_commit();
+    }
 
     // (B) dphi_q^T for this warp's features, then the state update with chunk c-1.
     {
@@ -3223,11 +3337,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
           sDP[qr * LDN + f] = has_state ? dpt[n][e] * sInv[qr] - sDel[qr] * zc[f] : 0.0f;
         }
     }
-    if (has_prev) state_accumulate<false>(st, sPK, LDP, 16 * warp, Vp, LDT);
+    if (has_prev) state_accumulate<false>(st, PKc, LDP, 16 * warp, Vp, LDT);
     if (tid >= V3_THREADS - NF) {  // warps 4-7 (warps 0-3 had phi_k in (A))
       const int f = tid - (V3_THREADS - NF);
       zn[f] = zc[f];
-      if (has_prev) column_sum_update<false>(zn, sPK, LDP, nullptr, f);
+      if (has_prev) column_sum_update<false>(zn, PKc, LDP, nullptr, f);
     }
     __syncthreads();  // sDP complete
 
@@ -3252,14 +3366,14 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         pack_c_to_a<false, 8>(da, dp);
       }
       float acc[8][4] = {};
-      mul_a_tile_half<false>(acc, da, sPK, LDP, 64 * hf);
+      mul_a_tile_half<false>(acc, da, PKc, LDP, 64 * hf);
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         #pragma unroll
         for (int e = 0; e < 4; e++) sDP[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
       __syncthreads();
     }
-    phi_backward_rows_v3<true>(a.du_q + row_index(s, b, i0, h) * 64, (size_t)s.H * 64, sPQ, sDP, rows_in(c));
+    phi_backward_rows_v3<true>(a.du_q + row_index(s, b, i0, h) * 64, (size_t)s.H * 64, PQc, sDP, rows_in(c));
   }
   cp_async_wait<0>();
 }
@@ -3276,7 +3390,7 @@ struct BwdK3Layout {
                           WK = DY + 2 * TL::TILE * 2, PK = WK + TL::WT * 2, DP = PK + TL::PT * 2,
                           RV = DP + 64 * V3_LDN * 4, DD = RV + 2 * NF * 4, BYTES = DD + 2 * 64 * 4;
 };
-template <bool SLIDING>
+template <bool SLIDING, bool PHI_SAVED>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_kernel(FastBwdArgs a) {
   constexpr int D = 128;
   using TL = Tiles<D>;
@@ -3304,9 +3418,16 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
   const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
   auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
+  // PHI_SAVED: the forward's phi_k(c) takes K_c's slot (zero for the last chunk, which the forward never maps:
+  // nothing follows it, so its dphi_k and du_k are zero whatever phi_k is).
+  const unsigned short* pkb = PHI_SAVED ? (const unsigned short*)a.sv.phi_k + row_index(s, b, 0, h) * NF : nullptr;
   auto load_iter = [&](int c) {  // K_c, V_c, and phi_q / den, dy, delta * den of query chunk c+1 (if any)
     const int sl = c & 1;
-    load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    if (PHI_SAVED)
+      load_rows_async_v3<NF>((unsigned short*)sK + sl * TL::TILE, LDP, pkb + (size_t)c * CHUNK * s.H * NF, (size_t)s.H * NF, 64,
+                             c + 1 < s.NC ? rows_in(c) : 0);
+    else
+      load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     load_rows_async_v3<D>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
     const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;  // no query chunk: all zeros, from a valid address
@@ -3318,7 +3439,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       sDD[sl * 64 + tid] = ok ? a.sv.row_delta[ri] * a.sv.row_den[ri] : 0.0f;
     }
   };
-  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (!PHI_SAVED) load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   load_iter(c_end - 1);
   cp_async_commit();
   float st[16][4];  // R: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
@@ -3354,7 +3475,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
     cp_async_commit();
 
     // (A) phi_k of this chunk (row groups, warps 0-3)
-    if (hf == 0) {
+    const bf16* PKc = PHI_SAVED ? Kc : sPK;
+    if (!PHI_SAVED && hf == 0) {
       float ph[16][4];
       feature_map_smem<D>(ph, Kc, row0, sWk);
       const int jr = j0 + row0 + g;
@@ -3409,7 +3531,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         for (int e = 0; e < 4; e++) sDP[(row0 + g + 8 * (e >> 1)) * LDN + 64 * hf + 8 * nt + 2 * t + (e & 1)] += acc[nt][e];
       __syncthreads();
     }
-    phi_backward_rows_v3<false>(a.du_k + row_index(s, b, j0, h) * 64, (size_t)s.H * 64, sPK, sDP, rows_in(c));
+    phi_backward_rows_v3<PHI_SAVED>(a.du_k + row_index(s, b, j0, h) * 64, (size_t)s.H * 64, PKc, sDP, rows_in(c));
   }
   cp_async_wait<0>();
 }
@@ -3891,6 +4013,8 @@ inline void mark(const char* stage, cudaStream_t stream) {
 // ---- fast path host side ----
 // Version 3 (8 warps, register state) serves d = 128 unless version 2 is asked for.
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
+// Whether a stage-1 forward keeps its feature maps for the backward (version 3; 2 x 256 bytes a row and head).
+inline bool keeps_phi(const HybridAttnParams& p) { return hybrid_uses_fast_path(p) && uses_v3(p); }
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
                               const HybridAttnSaved& saved, const Workspace& ws, float* segS, float* segZ, cudaStream_t stream) {
@@ -3969,8 +4093,11 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
   const bool v3 = uses_v3(p);
   const bool sliding = p.geometry == HYBRID_SLIDING;
+  // Stage 1 after a version-3 forward that kept the feature maps: the state kernels load them.
+  const bool phi_saved = v3 && fused && saved.phi_q && saved.phi_k;
   if (v3) {
-    auto kq = sliding ? fast_backward_query_v3_kernel<true> : fast_backward_query_v3_kernel<false>;
+    auto kq = sliding ? (phi_saved ? fast_backward_query_v3_kernel<true, true> : fast_backward_query_v3_kernel<true, false>)
+                      : (phi_saved ? fast_backward_query_v3_kernel<false, true> : fast_backward_query_v3_kernel<false, false>);
     set_max_smem(kq, BwdQ3Layout::BYTES);
     kq<<<grid, V3_THREADS, BwdQ3Layout::BYTES, stream>>>(ba);
   } else {
@@ -3988,7 +4115,8 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
   if (v3) {
-    auto kk = sliding ? fast_backward_key_v3_kernel<true> : fast_backward_key_v3_kernel<false>;
+    auto kk = sliding ? (phi_saved ? fast_backward_key_v3_kernel<true, true> : fast_backward_key_v3_kernel<true, false>)
+                      : (phi_saved ? fast_backward_key_v3_kernel<false, true> : fast_backward_key_v3_kernel<false, false>);
     set_max_smem(kk, BwdK3Layout::BYTES);
     kk<<<grid, V3_THREADS, BwdK3Layout::BYTES, stream>>>(ba);
   } else {
@@ -4071,6 +4199,10 @@ inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool w
   if (with_dy) hybrid_detail::carve(off, rows * p.d * 2);
   if (with_ylo) hybrid_detail::carve(off, rows * p.d * 2);
   hybrid_detail::carve(off, hybrid_detail::seg_state_floats(p) * 4);
+  if (with_dy && hybrid_detail::keeps_phi(p)) {
+    hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
+    hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
+  }
   return off;
 }
 inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo) {
@@ -4087,6 +4219,10 @@ inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p,
   s.y_lo = with_ylo ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
   const size_t seg = hybrid_detail::seg_state_floats(p);
   s.seg_state = seg ? (float*)(c + hybrid_detail::carve(off, seg * 4)) : nullptr;
+  if (with_dy && hybrid_detail::keeps_phi(p)) {
+    s.phi_q = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
+    s.phi_k = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
+  }
   return s;
 }
 inline size_t hybrid_workspace_bytes(const HybridAttnParams& p) {
@@ -4101,6 +4237,7 @@ inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, c
   using namespace hybrid_detail;
   hybrid_check_params(p);
   if (loss && (!loss->y_true || !loss->mse || !saved.dy)) fatal("hybrid attention: the stage-1 loss needs y_true, mse and saved.dy");
+  if (!y && !loss) fatal("hybrid attention: y is required without the stage-1 loss");
   const Shape s = make_shape(p);
   Workspace ws = workspace_layout(workspace, p, nullptr);
   const size_t rows = (size_t)p.B * p.T * p.H;

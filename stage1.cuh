@@ -14,7 +14,8 @@
 // Stage 1: attention transfer (../shared/LOLCATS.md §2). Every weight of the model is frozen; the
 // trained parameters are, per layer, the Hedgehog maps Wq, Wk (H, d, f) and the window-factor logits
 // w (H), in one flat fp32 buffer (the layout of reference/stage1_ref.h). Per micro-batch and layer:
-// q, k, v -> teacher softmax attention y_true -> hybrid attention y_pred with the MSE fused -> its
+// q, k, v -> teacher softmax attention y_true -> hybrid attention with the MSE fused (its output y is
+// not stored: only the loss, dy and the row statistics are) -> its
 // backward into the feature-map gradients -> the TEACHER's output continues through o_proj and the
 // MLP. Nothing crosses layers, so one layer's activations are live at a time; the last layer's
 // o_proj/MLP and the LM head are skipped (nothing uses them).
@@ -57,7 +58,6 @@ struct Stage1 {
   size_t hdf = 0, per_layer = 0;
   AdamW opt;                  // master (n) fp32, grad (n) fp32, moments; one buffer for all layers
   bf16* params_bf16 = nullptr;// (n) bf16 copy of the masters: the kernels read Wq, Wk from here
-  bf16* y_pred = nullptr;     // (B, T, H, d) hybrid output
   void* saved_mem = nullptr;  // one layer's HybridAttnSaved (forward -> backward of the same layer)
   HybridAttnSaved saved;
   void* workspace = nullptr;  // hybrid scratch, shared by all layers
@@ -101,7 +101,6 @@ inline Stage1 stage1_create(const Stage1Config& o, const LlamaModel& m, int B, i
   adamw_set_params(&s.opt, init.data());
   s.params_bf16 = cuda_alloc<bf16>(s.opt.n);
   adamw_write_bf16(&s.opt, s.params_bf16);
-  s.y_pred = cuda_alloc<bf16>((size_t)B * T * h.n_heads * h.head_dim);
   s.saved_mem = cuda_alloc<char>(hybrid_saved_bytes(s.hp, true));
   s.saved = hybrid_saved_carve(s.saved_mem, s.hp, true);
   s.workspace = cuda_alloc<char>(hybrid_workspace_bytes(s.hp));
@@ -124,7 +123,6 @@ inline Stage1 stage1_create(const Stage1Config& o, const LlamaModel& m, int B, i
 inline void stage1_destroy(Stage1& s) {
   adamw_destroy(&s.opt);
   cuda_free(s.params_bf16);
-  cuda_free(s.y_pred);
   cuda_free(s.saved_mem);
   cuda_free(s.workspace);
   cuda_free(s.layer_mse);
@@ -173,7 +171,7 @@ inline void stage1_micro_batch(Stage1& s, Blas& blas, const LlamaModel& m, Llama
     loss.grad_scale = (float)(s.mse_factor / s.L);
     loss.mse = s.layer_mse + l;
     const HybridAttnWeights w = stage1_weights(s, l);
-    hybrid_attention_forward(s.hp, a.q, a.k, a.v, w, s.y_pred, s.saved, s.workspace, &loss, hs);
+    hybrid_attention_forward(s.hp, a.q, a.k, a.v, w, nullptr, s.saved, s.workspace, &loss, hs);
     if (train) {
       HybridAttnGrads g;
       float* gl = s.opt.grad + s.per_layer * l;

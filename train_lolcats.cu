@@ -440,7 +440,7 @@ static void run_stage1(const Options& o, const LlamaModel& m, Blas& blas) {
     print_breakdown("stage-1", {
         {"teacher attention", 0, L, [&] { softmax_attention_forward(a.att, nullptr, a.q, a.k, a.v, a.B, a.T, m.h.n_heads,
                                                                      m.h.n_kv_heads, m.h.head_dim, st); }},
-        {"hybrid fwd + MSE", 0, L, [&] { hybrid_attention_forward(s.hp, a.q, a.k, a.v, w0, s.y_pred, s.saved, s.workspace,
+        {"hybrid fwd + MSE", 0, L, [&] { hybrid_attention_forward(s.hp, a.q, a.k, a.v, w0, nullptr, s.saved, s.workspace,
                                                                   &loss0, st); }},
         {"hybrid bwd (maps)", 0, L, [&] { hybrid_attention_backward(s.hp, a.q, a.k, a.v, w0, nullptr, nullptr, s.saved,
                                                                     s.workspace, g0, st); }},
