@@ -3072,7 +3072,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
             const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
-            *(uint32_t*)&a.sv.dy[ri * D + col] = gp;
+            *(uint32_t*)&sYT[rl * LDT + col] = gp;  // dy over its own y_true: written out in 16-byte pieces below
             dyy[r] += bf16_lo(gp) * y0 + bf16_hi(gp) * y1;
             dyA[r] += bf16_lo(gp) * o[nt][2 * r] + bf16_hi(gp) * o[nt][2 * r + 1];
           }
@@ -3114,6 +3114,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
             a.sv.row_delta[ri] = yy * inv[r];
             a.sv.row_wgrad[ri] = (yA - yy * l[r]) * inv[r];
           }
+        }
+        for (int idx = tid; idx < 64 * (D / 8); idx += V3_THREADS) {  // dy, from sYT (4-byte stores from the
+          const int r = idx / (D / 8), cc = idx % (D / 8), i = c * CHUNK + r;  // fragments cost more)
+          if (i < s.T) *(uint4*)&a.sv.dy[row_index(s, b, i, h) * D + 8 * cc] = *(const uint4*)&sYT[r * LDT + 8 * cc];
         }
       }
     }
