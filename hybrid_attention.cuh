@@ -119,7 +119,8 @@
 // PRECISION. bf16 inputs; q K^T and the feature-map products in bf16 mma (exact products); probabilities and
 // features in f16 (11-bit mantissa: bf16 probabilities would cost as much error as storing y in bf16); products
 // with the fp32 state in tf32 (version 3: the state in f16 scaled per warp to its largest entry, or split
-// into bf16 hi + lo, as precise as tf32 or more, see state_times_tile_t); accumulation in fp32. Against fp64 on the same bf16 inputs: forward ~1.6e-3
+// into bf16 hi + lo, as precise as tf32 or more, see state_times_tile_t); accumulation in fp32. Against fp64
+// on the same bf16 inputs: forward ~1.6e-3
 // (the bf16 output alone is ~1.7e-3 rms), gradients 2e-3 .. 5e-3. Limits: window 64, sinks <= 16, and on the
 // tensor path |v| <= 65504 (V is staged in f16).
 //
@@ -2632,11 +2633,11 @@ static __global__ void weight_grad_reduce_kernel(float* __restrict__ dWq, float*
 // block of 4 warps; every chunk is then a long dependent chain with nothing to hide its latency. Here each
 // of 8 warps owns 16 rows of the state as mma accumulators (16 x 128 fp32 = 64 registers a thread), so the
 // state update is a plain mma chain into those registers, and the state is used as an operand straight
-// from them: a tf32 A fragment wants k-columns (t, t+4) where the C fragment holds (2t, 2t+1), and since
-// k is summed over, logical k t / t+4 is mapped to physical column 2t / 2t+1 of each 8-wide k-step, with
-// the B operand read with the same permutation (one 32-bit load of a 16-bit pair from a row-major tile).
-// The state's products therefore come out transposed (state rows x 64 chunk rows) and go through a
-// shared fp32 tile to the warps that own the chunk rows. Everything else in a chunk (feature maps,
+// from them: the C fragments of two adjacent n-tiles hold exactly a 16-bit A fragment of one 16-wide k-step,
+// so the state enters f16 or bf16 mma after a conversion in registers (state_times_tile_t; until 2026-11-29
+// it was tf32, with the k index permuted to match the C layout). The state's products therefore come out
+// transposed (state rows x 64 chunk rows) and go through a shared fp32 tile to the warps that own the chunk
+// rows. Everything else in a chunk (feature maps,
 // softmax window, output, feature-map backward) is split over the 8 warps. The full backward's dq, dk, dv
 // come from separate kernels (the header comment: "Full backward, version 3").
 constexpr int V3_THREADS = 256;
@@ -2653,27 +2654,17 @@ __device__ __forceinline__ void load_rows_async_v3(T* dst, int ld, const T* src,
     cp_async16(dst + r * ld + cc * 8, ok ? src + (size_t)r * row_stride + cc * 8 : src, ok);
   }
 }
-template <int COLS>
-__device__ __forceinline__ void tile_bf16_to_f16_v3(void* tile, int ld, int nrows) {
+// bf16 -> f16 (TO_F16) or f16 -> bf16, in place, by all 256 threads.
+template <int COLS, bool TO_F16>
+__device__ __forceinline__ void tile_convert_v3(void* tile, int ld, int nrows) {
   constexpr int CPR = COLS / 8;
   for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
     uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
     uint4 x = *p;
     uint32_t* w = (uint32_t*)&x;
     #pragma unroll
-    for (int i = 0; i < 4; i++) w[i] = pack_f16(bf16_lo(w[i]), bf16_hi(w[i]));
-    *p = x;
-  }
-}
-template <int COLS>
-__device__ __forceinline__ void tile_f16_to_bf16_v3(void* tile, int ld, int nrows) {
-  constexpr int CPR = COLS / 8;
-  for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
-    uint4* p = (uint4*)((unsigned short*)tile + (idx / CPR) * ld + (idx % CPR) * 8);
-    uint4 x = *p;
-    uint32_t* w = (uint32_t*)&x;
-    #pragma unroll
-    for (int i = 0; i < 4; i++) w[i] = pack_bf16(f16_lo(w[i]), f16_hi(w[i]));
+    for (int i = 0; i < 4; i++)
+      w[i] = TO_F16 ? pack_f16(bf16_lo(w[i]), bf16_hi(w[i])) : pack_bf16(f16_lo(w[i]), f16_hi(w[i]));
     *p = x;
   }
 }
@@ -2900,8 +2891,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   }
   cp_async_wait<0>();
   __syncthreads();
-  if (c_begin >= 1) tile_bf16_to_f16_v3<D>(sV + ((c_begin - 1) & 1) * TL::TILE, LDT, 64);
-  if (s.sinks > 0) tile_bf16_to_f16_v3<D>(sSV, LDT, 16);
+  if (c_begin >= 1) tile_convert_v3<D, true>(sV + ((c_begin - 1) & 1) * TL::TILE, LDT, 64);
+  if (s.sinks > 0) tile_convert_v3<D, true>(sSV, LDT, 16);
 
   for (int c = c_begin; c < c_end; c++) {
     const int cur = c & 1, prv = cur ^ 1;
@@ -2920,7 +2911,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     }
 
     // (A) feature maps; V_c to f16 by everyone.
-    tile_bf16_to_f16_v3<D>(Vc, LDT, 64);
+    tile_convert_v3<D, true>(Vc, LDT, 64);
     if (hf == 0) {
       if (has_prev) {
         float ph[16][4];
@@ -3281,7 +3272,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
       sDel[tid] = ok ? a.sv.row_delta[ri] : 0.0f;
     }
     if (PHI_SAVED) {
-      if (has_prev) tile_f16_to_bf16_v3<NF>((void*)PKc, LDP, 64);  // the products with V and dy are in bf16
+      if (has_prev) tile_convert_v3<NF, false>((void*)PKc, LDP, 64);  // the products with V and dy are in bf16
       __syncthreads();  // sInv, phi_k in bf16
       for (int idx = tid; idx < 64 * (NF / 8); idx += V3_THREADS) {  // phi_q / den for the key side, 16 bytes a step
         const int r = idx / (NF / 8), cc = idx % (NF / 8);
