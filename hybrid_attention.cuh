@@ -2645,13 +2645,18 @@ constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile:
                                  // transposed scalar stores (rows 2t, cols g) and the float2 row reads
 
 // rows [0, nrows) x cols [0, COLS) of a global matrix -> shared, by all 256 threads (zeros past n_valid).
+// Thread tid copies 16-byte column tid % CPR of rows tid / CPR + k (V3_THREADS / CPR): pointers step by a
+// constant, no index arithmetic a copy (ncu: the indexed loop was ~10 % of the state kernels' instructions).
 template <int COLS, class T>
 __device__ __forceinline__ void load_rows_async_v3(T* dst, int ld, const T* src, size_t row_stride, int nrows, int n_valid) {
-  constexpr int CPR = COLS / 8;
-  for (int idx = threadIdx.x; idx < nrows * CPR; idx += V3_THREADS) {
-    const int r = idx / CPR, cc = idx % CPR;
+  constexpr int CPR = COLS / 8, RPP = V3_THREADS / CPR;  // 16-byte pieces a row, rows a pass
+  static_assert(V3_THREADS % CPR == 0, "a pass covers whole rows");
+  const int r0 = threadIdx.x / CPR, cc = threadIdx.x % CPR;
+  T* d = dst + r0 * ld + cc * 8;
+  const T* g = src + (size_t)r0 * row_stride + cc * 8;
+  for (int r = r0; r < nrows; r += RPP, d += RPP * ld, g += RPP * row_stride) {
     const bool ok = r < n_valid;
-    cp_async16(dst + r * ld + cc * 8, ok ? src + (size_t)r * row_stride + cc * 8 : src, ok);
+    cp_async16(d, ok ? g : src, ok);
   }
 }
 // bf16 -> f16 (TO_F16) or f16 -> bf16, in place, by all 256 threads.
@@ -2937,13 +2942,20 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       }
     }
     __syncthreads();  // phi tiles, sLL, V_c (f16)
-    if (STAGE1 && a.sv.phi_q) {  // the feature maps for the backward, 16 bytes a thread and step
-      for (int idx = tid; idx < 2 * 64 * (NF / 8); idx += V3_THREADS) {
-        const int which = idx / (64 * (NF / 8)), r = (idx / (NF / 8)) % 64, cc = idx % (NF / 8);
-        const int pos = (c - which) * CHUNK + r;  // phi_q of chunk c, phi_k of chunk c-1
-        if ((which && !has_prev) || pos >= s.T) continue;
-        const uint4 x = *(const uint4*)((const unsigned short*)(which ? (const void*)sPK : (const void*)sPQ) + r * LDP + 8 * cc);
-        *(uint4*)((unsigned short*)(which ? (void*)a.sv.phi_k : (void*)a.sv.phi_q) + row_index(s, b, pos, h) * NF + 8 * cc) = x;
+    if (STAGE1 && a.sv.phi_q) {  // the feature maps for the backward: phi_q of chunk c, phi_k of chunk c-1,
+      // 16 bytes a step; thread tid copies 16-byte column tid % 16 of rows tid / 16 + 16 k (NF = 128: 16 a row),
+      // no index arithmetic a step (with the dy copy below: forward + loss 0.397 -> 0.383 ms)
+      static_assert(NF == 128 && V3_THREADS == 256, "the copy pattern assumes 16 pieces a row, 16 rows a pass");
+      const int cc = tid & 15, r0 = tid >> 4;
+      #pragma unroll
+      for (int which = 0; which < 2; which++) {
+        if (which && !has_prev) continue;
+        const int pos0 = (c - which) * CHUNK + r0;
+        const unsigned short* src = (const unsigned short*)(which ? (const void*)sPK : (const void*)sPQ) + r0 * LDP + 8 * cc;
+        unsigned short* dst = (unsigned short*)(which ? (void*)a.sv.phi_k : (void*)a.sv.phi_q) + row_index(s, b, pos0, h) * NF + 8 * cc;
+        #pragma unroll
+        for (int k = 0; k < 4; k++)
+          if (pos0 + 16 * k < s.T) *(uint4*)(dst + (size_t)16 * k * s.H * NF) = *(const uint4*)(src + 16 * k * LDP);
       }
     }
 
@@ -3049,18 +3061,28 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         const int rl = row0 + g + 8 * r, i = c * CHUNK + rl;
         if (i >= s.T) continue;
         const size_t ri = row_index(s, b, i, h);
+        // The row's numL and y_true words, all loaded before the first dy store into sYT: the compiler cannot
+        // move a shared load above a store it cannot tell apart, so loading them in the loop below made every
+        // step wait for its load (H200, T = 1024: stage-1 forward + loss 0.431 -> 0.397 ms).
+        float2 nl[8];
+        uint32_t tv[8];
         #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
           const int col = col0 + 8 * nt + 2 * t;
-          const float2 nl = has_state ? *(const float2*)&sNum[rl * LDN + col] : make_float2(0.0f, 0.0f);
-          const float y0 = (o[nt][2 * r] + nl.x + ol[nt][2 * r]) * inv[r];
-          const float y1 = (o[nt][2 * r + 1] + nl.y + ol[nt][2 * r + 1]) * inv[r];
+          nl[nt] = has_state ? *(const float2*)&sNum[rl * LDN + col] : make_float2(0.0f, 0.0f);
+          tv[nt] = STAGE1 ? *(const uint32_t*)&sYT[rl * LDT + col] : 0u;
+        }
+        #pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+          const int col = col0 + 8 * nt + 2 * t;
+          const float y0 = (o[nt][2 * r] + nl[nt].x + ol[nt][2 * r]) * inv[r];
+          const float y1 = (o[nt][2 * r + 1] + nl[nt].y + ol[nt][2 * r + 1]) * inv[r];
           const uint32_t yp = pack_bf16(y0, y1);
           if (a.y) *(uint32_t*)&a.y[ri * D + col] = yp;  // stage 1 may skip y: nothing reads it
-          if (a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
-          if (a.y_true) {
-            const uint32_t tv = *(const uint32_t*)&sYT[rl * LDT + col];
-            const float e0 = y0 - bf16_lo(tv), e1 = y1 - bf16_hi(tv);
+          // y_lo serves only an unfused backward, which never follows a stage-1 forward
+          if (!STAGE1 && a.sv.y_lo) *(uint32_t*)&a.sv.y_lo[ri * D + col] = pack_bf16(y0 - bf16_lo(yp), y1 - bf16_hi(yp));
+          if (STAGE1) {  // (STAGE1 is exactly "y_true given")
+            const float e0 = y0 - bf16_lo(tv[nt]), e1 = y1 - bf16_hi(tv[nt]);
             sq[r] += e0 * e0 + e1 * e1;
             const uint32_t gp = pack_bf16(a.grad_scale * 2.0f * e0 * a.inv_n, a.grad_scale * 2.0f * e1 * a.inv_n);
             *(uint32_t*)&sYT[rl * LDT + col] = gp;  // dy over its own y_true: written out in 16-byte pieces below
@@ -3106,9 +3128,12 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
             a.sv.row_wgrad[ri] = (yA - yy * l[r]) * inv[r];
           }
         }
-        for (int idx = tid; idx < 64 * (D / 8); idx += V3_THREADS) {  // dy, from sYT (4-byte stores from the
-          const int r = idx / (D / 8), cc = idx % (D / 8), i = c * CHUNK + r;  // fragments cost more)
-          if (i < s.T) *(uint4*)&a.sv.dy[row_index(s, b, i, h) * D + 8 * cc] = *(const uint4*)&sYT[r * LDT + 8 * cc];
+        {  // dy, from sYT, 16 bytes a step (4-byte stores from the fragments cost more); the phi copy's pattern
+          const int cc = tid & 15, r0 = tid >> 4, i0 = c * CHUNK + r0;
+          bf16* dst = a.sv.dy + row_index(s, b, i0, h) * D + 8 * cc;
+          #pragma unroll
+          for (int k = 0; k < 4; k++)
+            if (i0 + 16 * k < s.T) *(uint4*)(dst + (size_t)16 * k * s.H * D) = *(const uint4*)&sYT[(r0 + 16 * k) * LDT + 8 * cc];
         }
       }
     }
@@ -3144,9 +3169,12 @@ __device__ __forceinline__ void phi_backward_rows_v3(bf16* out, size_t out_strid
     gp[4 * i] = x.x; gp[4 * i + 1] = x.y; gp[4 * i + 2] = x.z; gp[4 * i + 3] = x.w;
     gm[4 * i] = y.x; gm[4 * i + 1] = y.y; gm[4 * i + 2] = y.z; gm[4 * i + 3] = y.w;
   }
-  float sp = 0.0f, sm = 0.0f;
+  // Four partial sums each: one chain of 16 dependent FMAs was what the warps waited on (ncu: ~20 % of the
+  // key-side kernel's stall samples at the quad sums below).
+  float sp4[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sm4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   #pragma unroll
-  for (int i = 0; i < 16; i++) { sp += pp[i] * gp[i]; sm += pm[i] * gm[i]; }
+  for (int i = 0; i < 16; i++) { sp4[i & 3] += pp[i] * gp[i]; sm4[i & 3] += pm[i] * gm[i]; }
+  float sp = (sp4[0] + sp4[1]) + (sp4[2] + sp4[3]), sm = (sm4[0] + sm4[1]) + (sm4[2] + sm4[3]);
   sp = quad_sum(sp);  // the 4 threads of a row are the lanes of one quad
   sm = quad_sum(sm);
   if (row < n_valid) {
@@ -3342,12 +3370,21 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         #pragma unroll
         for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
       }
+      // z, 1/den and delta into registers before the first store into sDP: the compiler cannot move a shared
+      // load above a store it cannot tell apart, so in the loop they were reloaded for every element (ncu: that
+      // loop held ~19 % of the kernel's stall samples).
+      const float zf[2] = {zc[16 * warp + g], zc[16 * warp + g + 8]};
+      float iv[8][2], dl[8][2];
+      #pragma unroll
+      for (int n = 0; n < 8; n++)
+        #pragma unroll
+        for (int j = 0; j < 2; j++) { iv[n][j] = sInvc[8 * n + 2 * t + j]; dl[n][j] = sDelc[8 * n + 2 * t + j]; }
       #pragma unroll
       for (int n = 0; n < 8; n++)
         #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int qr = 8 * n + 2 * t + (e & 1), f = 16 * warp + g + 8 * (e >> 1);
-          sDP[qr * LDN + f] = has_state ? dpt[n][e] * sInvc[qr] - sDelc[qr] * zc[f] : 0.0f;
+          sDP[qr * LDN + f] = has_state ? dpt[n][e] * iv[n][e & 1] - dl[n][e & 1] * zf[e >> 1] : 0.0f;
         }
     }
     if (has_prev) state_accumulate<false>(st, PKc, LDP, 16 * warp, Vp, LDT);
@@ -3505,12 +3542,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         #pragma unroll
         for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
       }
+      const float rf[2] = {rc[16 * warp + g], rc[16 * warp + g + 8]};  // before the stores (the query side's note)
       #pragma unroll
       for (int n = 0; n < 8; n++)
         #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int kr = 8 * n + 2 * t + (e & 1), f = 16 * warp + g + 8 * (e >> 1);
-          sDP[kr * LDN + f] = has_state ? dpt[n][e] - rc[f] : 0.0f;
+          sDP[kr * LDN + f] = has_state ? dpt[n][e] - rf[e >> 1] : 0.0f;
         }
     }
     if (has_q) state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
