@@ -66,7 +66,11 @@
 // SM (twice version 2's warps, each with half the work). Where its time goes (ncu, H200, T = 1024): issue
 // slots 38 % busy, tensor pipe 19 %; per issued instruction the warps wait ~0.9 cycles on fixed latencies,
 // 0.8 on global memory, 0.7 on shared memory. Tried and dropped: Q double-buffered with K_c, V_c awaited
-// only after the feature maps (one more barrier; 0.399 -> 0.418 ms).
+// only after the feature maps (one more barrier; 0.399 -> 0.418 ms). Source-level stall sampling (ncu,
+// 2026-11-29) then put a quarter of the samples in (D): every shared load there waited for the dy store
+// before it, which the compiler may not reorder (same memory, addresses it cannot tell apart). Loading a
+// row's words first, and the same in the state kernels' dphi stores, is worth 8-12 % of each kernel; a
+// pattern to look for wherever a loop both reads and writes shared memory.
 //
 // BACKWARD. With g_i = dy_i / den_i and delta_i = dy_i . y_i / den_i:
 //   dA_ij = dB_ij = g_i . v_j - delta_i; on softmax keys ds_ij = A_ij dA_ij, and since m_i is a real function
@@ -176,7 +180,8 @@ struct HybridAttnSaved {
                                // stage-1 loss leaves them unwritten (that forward pairs with the stage-1
                                // backward, which takes no dy)
   float* row_delta = nullptr;  // (B, T, H) dy_i . y_i / den_i (stage-1 forward, or the backward)
-  float* row_wgrad = nullptr;  // (B, T, H) sum_j A_ij dA_ij (stage-1 forward, or the backward)
+  float* row_wgrad = nullptr;  // (B, T, H) sum_j A_ij dA_ij (stage-1 forward, or the backward; version 3 with the
+                               // stage-1 loss keeps only wgrad_part below)
   bf16* dy = nullptr;          // (B, T, H, d) dL/dy written by the stage-1 forward (null if unused)
   bf16* y_lo = nullptr;        // (B, T, H, d) optional: y_fp32 - bf16(y), the output's rounding residual.
                                // With it an unfused backward forms delta from the fp32 output; without it
@@ -187,6 +192,8 @@ struct HybridAttnSaved {
   __half* phi_q = nullptr;     // (B, T, H, 128) version 3, stage 1 (carved with dy): the forward's phi_q (f16)
   __half* phi_k = nullptr;     // (B, T, H, 128) and phi_k (f16; zero for the sinks, the last chunk unwritten), so
                                // the stage-1 backward loads the feature maps instead of recomputing them
+  float* wgrad_part = nullptr; // (B, H, nseg) version 3, stage 1 (carved with dy): row_wgrad summed over each
+                               // forward block's rows, for dw (row_wgrad itself is then not written)
 };
 
 // The stage-1 loss fused into the forward: MSE(y, y_true) over all B*T*H*d elements.
@@ -417,6 +424,19 @@ static __global__ void window_grad_kernel(float* __restrict__ dw, const float* _
     float total = 0.0f;
     for (int w = 0; w < (int)blockDim.x / 32; w++) total += partial[w];
     dw[h] += (1.0f - sigmoidf_(wlogit[h])) * total;
+  }
+}
+
+// dw_h += (1 - gamma_h) * the sum over (b, segment) of the version-3 forward blocks' window-term sums, fixed order:
+// one small block instead of a pass over every row (H200, T = 1024: 0.011 -> 0.007 ms; the loss's sum over the
+// blocks' squared errors likewise: 0.009 -> 0.004 ms).
+static __global__ void window_grad_part_kernel(float* __restrict__ dw, const float* __restrict__ part,
+                                               const float* __restrict__ wlogit, int B, int H, int nseg) {
+  for (int h = threadIdx.x; h < H; h += blockDim.x) {
+    float acc = 0.0f;
+    for (int b = 0; b < B; b++)
+      for (int sg = 0; sg < nseg; sg++) acc += part[((size_t)b * H + h) * nseg + sg];
+    dw[h] += (1.0f - sigmoidf_(wlogit[h])) * acc;
   }
 }
 
@@ -1418,7 +1438,8 @@ struct FastFwdArgs {
   const bf16 *q, *k, *v, *Wq, *Wk, *y_true;
   const float *wlogit, *segS, *segZ;  // segS/segZ: state of the chunks before each segment (B, H, nseg, 128, D)
   HybridAttnSaved sv;
-  float* row_sq;
+  float* row_sq;  // version 2: (B, T, H) squared error of each row
+  float* blk_sq;  // version 3: (B, H, nseg) squared error summed over each block's rows
   float grad_scale, inv_n;
   Shape s;
   int seg_chunks;
@@ -2898,6 +2919,9 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   __syncthreads();
   if (c_begin >= 1) tile_convert_v3<D, true>(sV + ((c_begin - 1) & 1) * TL::TILE, LDT, 64);
   if (s.sinks > 0) tile_convert_v3<D, true>(sSV, LDT, 16);
+  // Stage 1: the squared errors and window terms of this thread's rows (hf == 0, t == 0), summed over the
+  // chunks; the block's sums go out at the end (the loss and dw then need no pass over the rows).
+  float blk_sq = 0.0f, blk_wg = 0.0f;
 
   for (int c = c_begin; c < c_end; c++) {
     const int cur = c & 1, prv = cur ^ 1;
@@ -3123,9 +3147,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
             const float sqs = sRed[0 * 64 + rl] + sRed[3 * 64 + rl];
             const float yy = sRed[1 * 64 + rl] + sRed[4 * 64 + rl];
             const float yA = sRed[2 * 64 + rl] + sRed[5 * 64 + rl];
-            a.row_sq[ri] = sqs;
+            const float wg = (yA - yy * l[r]) * inv[r];
+            blk_sq += sqs;
             a.sv.row_delta[ri] = yy * inv[r];
-            a.sv.row_wgrad[ri] = (yA - yy * l[r]) * inv[r];
+            if (a.sv.wgrad_part) blk_wg += wg;
+            else a.sv.row_wgrad[ri] = wg;
           }
         }
         {  // dy, from sYT, 16 bytes a step (4-byte stores from the fragments cost more); the phi copy's pattern
@@ -3139,6 +3165,17 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     }
   }
   cp_async_wait<0>();
+  if (STAGE1) {  // the block's sums, fixed order (warp sums, then warps 0-3; warps 4-7 hold zeros)
+    const float wsq = warp_sum(blk_sq), wwg = warp_sum(blk_wg);
+    __syncthreads();  // the chunk loop's readers of sRed are done
+    if (ln == 0) { sRed[warp] = wsq; sRed[8 + warp] = wwg; }
+    __syncthreads();
+    if (tid == 0) {
+      const size_t bi = ((size_t)b * s.H + h) * gridDim.x + seg;
+      a.blk_sq[bi] = (sRed[0] + sRed[1]) + (sRed[2] + sRed[3]);
+      if (a.sv.wgrad_part) a.sv.wgrad_part[bi] = (sRed[8] + sRed[9]) + (sRed[10] + sRed[11]);
+    }
+  }
 }
 
 // du = phi+ (dphi+ - phi+.dphi+) - phi- (dphi- - phi-.dphi-) for 64 rows: phi a 16-bit shared tile (row
@@ -3969,6 +4006,7 @@ struct Workspace {
   float *segS, *segZ;            // fast path: per-segment states (B,H,nseg,128,d), (B,H,nseg,128)
   float *subS, *subZ;            // fast path: per-sub-segment sums (B,H,nsub,128,d), (B,H,nsub,128)
   float *row_sq, *dm;            // (B,T,H)
+  float* blk_sq;                 // fast path: (B,H,nseg) the version-3 forward blocks' squared errors
   bf16 *du_q, *du_k;             // (B,T,H,f)
   float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
   float* dW_part;                // fast path: (2, WG_SPLITS, H, d, f)
@@ -4044,6 +4082,7 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
     w.subZ = (float*)take((size_t)p.B * p.H * nsub * 128 * 4);
     w.dW_part = (float*)take((size_t)2 * WG_SPLITS * p.H * p.d * p.f * 4);
     w.phiq_bf = (bf16*)take(rows * 128 * 2);
+    w.blk_sq = (float*)take((size_t)p.B * p.H * nseg * 4);
   }
   w.row_sq = (float*)take(rows * 4);
   w.sum_part = (float*)take(SUM_BLOCKS * 4);
@@ -4112,7 +4151,7 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
   mark("fwd: state prefixes", stream);
   const float inv_n = 1.0f / (float)((size_t)p.B * p.T * p.H * p.d);
   FastFwdArgs fa{y, q, k, v, wts.Wq, wts.Wk, loss ? loss->y_true : nullptr, wts.w, segS, segZ, saved, ws.row_sq,
-                 loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
+                 ws.blk_sq, loss ? loss->grad_scale : 0.0f, inv_n, s, seg_chunks(p)};
   const dim3 grid(num_segments(p), p.H, p.B);
   if (uses_v3(p)) {
     const bool sliding = p.geometry == HYBRID_SLIDING;
@@ -4254,6 +4293,7 @@ inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool w
   if (with_dy && hybrid_detail::keeps_phi(p)) {
     hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
     hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
+    hybrid_detail::carve(off, (size_t)p.B * p.H * hybrid_detail::num_segments(p) * 4);
   }
   return off;
 }
@@ -4274,6 +4314,7 @@ inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p,
   if (with_dy && hybrid_detail::keeps_phi(p)) {
     s.phi_q = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
     s.phi_k = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
+    s.wgrad_part = (float*)(c + hybrid_detail::carve(off, (size_t)p.B * p.H * hybrid_detail::num_segments(p) * 4));
   }
   return s;
 }
@@ -4312,7 +4353,10 @@ inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, c
     generic_forward_kernel<<<grid, 128, 0, stream>>>(a);
     CUDA_LAUNCH_CHECK();
   }
-  if (loss) {
+  if (loss && hybrid_uses_fast_path(p) && uses_v3(p)) {  // the blocks' sums: one small pass, not one over the rows
+    sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.blk_sq, (size_t)p.B * p.H * num_segments(p), inv_n);
+    CUDA_LAUNCH_CHECK();
+  } else if (loss) {
     partial_sum_kernel<<<SUM_BLOCKS, 256, 0, stream>>>(ws.sum_part, ws.row_sq, rows);
     CUDA_LAUNCH_CHECK();
     sum_into_kernel<<<1, 1024, 0, stream>>>(loss->mse, ws.sum_part, SUM_BLOCKS, inv_n);
@@ -4378,7 +4422,10 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWk, k, ws.du_k, s, p.Hkv);
     CUDA_LAUNCH_CHECK();
   }
-  if (grads.dw) {
+  if (grads.dw && fused && saved.wgrad_part) {  // a version-3 stage-1 forward summed the window terms per block
+    window_grad_part_kernel<<<1, 256, 0, stream>>>(grads.dw, saved.wgrad_part, wts.w, p.B, p.H, num_segments(p));
+    CUDA_LAUNCH_CHECK();
+  } else if (grads.dw) {
     window_grad_kernel<<<p.H, 256, 0, stream>>>(grads.dw, saved.row_wgrad, wts.w, p.B * p.T, p.H);
     CUDA_LAUNCH_CHECK();
   }
