@@ -118,7 +118,9 @@
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
-// term (and dy in stage 1). Stage 1 is bit-reproducible; stage 2 sums dk/dv over GQA heads with fp32 atomics.
+// term (and dy in stage 1; version 3's stage 1 keeps the feature maps, and the window term only as one sum per
+// forward block, which is all dw needs). Stage 1 is bit-reproducible; stage 2 sums dk/dv over GQA heads with
+// fp32 atomics.
 //
 // PRECISION. bf16 inputs; q K^T and the feature-map products in bf16 mma (exact products); probabilities and
 // features in f16 (11-bit mantissa: bf16 probabilities would cost as much error as storing y in bf16); products
