@@ -136,6 +136,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 
@@ -222,7 +223,8 @@ inline void hybrid_check_params(const HybridAttnParams& p);
 inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
 inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
 // Bytes of scratch one forward + backward needs (shared by all layers; allocate once for the largest shape).
-inline size_t hybrid_workspace_bytes(const HybridAttnParams& p);
+// input_grads = false: enough only for backward calls that ask for no dq, dk, dv (stage 1).
+inline size_t hybrid_workspace_bytes(const HybridAttnParams& p, bool input_grads = true);
 
 // y (B, T, H, d) = hybrid attention of q (B, T, H, d), k, v (B, T, Hkv, d). With `loss` it also adds the
 // MSE against loss->y_true to *loss->mse and leaves dy, delta and the window-factor terms in `saved`, so
@@ -294,13 +296,19 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return r;
 }
 // 16-byte global -> shared copy without a register round trip; valid = false fills zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src, bool valid) {  // dst: a shared address
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { cp_async16_s(smem_u32(dst), src, valid); }
 // 4-byte copy (cp.async.ca: the only kind below 16 bytes); valid = false fills zeros.
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+// 2^x in one MUFU instruction (results below 2^-126 flush to zero; relative error ~2^-22).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -1087,15 +1095,21 @@ __device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const T* tile, int l
 }
 
 // ---- tile loads ----
-// rows [0, 64) x cols [0, COLS) of a global matrix (row r at src + r * row_stride) -> shared (row stride ld);
-// rows >= n_valid are filled with zeros. All 128 threads take part.
-template <int COLS, class T>
+// rows [0, nrows) x cols [0, COLS) of a global matrix (row r at src + r * row_stride) -> shared (row stride
+// ld); rows >= n_valid are filled with zeros. All THREADS threads of the block take part, thread tid copying
+// the 16-byte column piece tid % CPR of rows tid / CPR + k (THREADS / CPR): its addresses are a base and a
+// constant step. (Per-piece index arithmetic and generic-to-shared conversion were ~10 % of the state kernels'
+// instructions and a fifth of the window dk/dv kernel's, ncu.)
+template <int COLS, int THREADS = 128, class T>
 __device__ __forceinline__ void load_rows_async(T* dst, int ld, const T* src, size_t row_stride, int nrows, int n_valid) {
-  constexpr int CPR = COLS / 8;  // 16-byte pieces per row
-  for (int idx = threadIdx.x; idx < nrows * CPR; idx += 128) {
-    const int r = idx / CPR, cc = idx % CPR;
+  constexpr int CPR = COLS / 8, RPP = THREADS / CPR;  // 16-byte pieces a row, rows a pass
+  static_assert(THREADS % CPR == 0, "a pass covers whole rows");
+  const int r0 = threadIdx.x / CPR, cc = threadIdx.x % CPR;
+  uint32_t d = smem_u32(dst + r0 * ld + cc * 8);
+  const T* g = src + (size_t)r0 * row_stride + cc * 8;
+  for (int r = r0; r < nrows; r += RPP, d += RPP * ld * (int)sizeof(T), g += RPP * row_stride) {
     const bool ok = r < n_valid;
-    cp_async16(dst + r * ld + cc * 8, ok ? src + (size_t)r * row_stride + cc * 8 : src, ok);
+    cp_async16_s(d, ok ? g : src, ok);
   }
 }
 // bf16 -> f16 in place (the forward multiplies probabilities by V in f16: 3 more mantissa bits than bf16,
@@ -1899,16 +1913,33 @@ struct BwdQLayout {
                           SK = Z + NF * 4, SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
 };
 
+// A thread's two query rows (g, g + 8) as the window gradient reads them: m_i log2(e), gamma / den_i and
+// gamma delta_i (0 for rows past T, whose 1/den and delta are 0), so that each score costs one FFMA, one
+// exp2 and two more FMA-pipe instructions.
+struct WinRows {
+  float mL[2], ginv[2], gdelta[2];
+};
+__device__ __forceinline__ WinRows win_rows(const float (&m)[2], const float (&inv)[2], const float (&delta)[2], float gamma) {
+  WinRows w;
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    w.mL[r] = m[r] * LOG2E;
+    w.ginv[r] = gamma * inv[r];
+    w.gdelta[r] = gamma * delta[r];
+  }
+  return w;
+}
 // Window gradient of one key tile for a warp's 16 query rows: ds = A (g.v - delta), its row sums, and
 // dq += ds K / sqrt(d) when want_dq. Only the 16-key blocks [0, nkb) are formed (the causal tile: a warp's
 // rows see no key past its last row, so the blocks beyond are all masked and skipped).
 template <int D, int NKEYS, class MASK>
 __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (&rowsum)[2], const bf16* sQ, int row0,
                                                  const uint32_t (&dyf)[D / 16][4], const bf16* K, const bf16* V,
-                                                 const float (&m)[2], const float (&inv)[2], const float (&delta)[2],
-                                                 float gamma, float scale, bool want_dq, MASK mask, int nkb = NKEYS / 16) {
+                                                 const WinRows& wr, float scale, bool want_dq, MASK mask,
+                                                 int nkb = NKEYS / 16) {
   constexpr int nkeys = NKEYS;
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  const float c1 = scale * LOG2E;
   float sc[8][4] = {};
   float dp[8][4] = {};
   #pragma unroll
@@ -1936,8 +1967,8 @@ __device__ __forceinline__ void window_grad_tile(float (&dqa)[D / 8][4], float (
       if (nt < 2 * nkb && mask(kl, row0 + g + 8 * r)) {
         // p rounded to f16 as the forward multiplied it, so that sum_j ds_ij (dw, and the max's gradient)
         // is formed from the same weights as the forward's output, not a 2^-11 neighbour of them
-        const float p = __half2float(__float2half(exp2f((sc[nt][e] * scale - m[r]) * LOG2E)));
-        ds = gamma * p * (dp[nt][e] * inv[r] - delta[r]);
+        const float p = __half2float(__float2half(ex2_approx(sc[nt][e] * c1 - wr.mL[r])));
+        ds = p * (dp[nt][e] * wr.ginv[r] - wr.gdelta[r]);
       }
       rowsum[r] += ds;
       sc[nt][e] = ds * scale;
@@ -2128,15 +2159,16 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_query_kernel(Fast
       __syncthreads();
       float rowsum[2] = {0.0f, 0.0f};
       const bool want_dq = a.dq != nullptr;
+      const WinRows wr = win_rows(m, inv, delta, gamma);
       if (s.sinks > 0 && c >= 2)
-        window_grad_tile<D, 16>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
+        window_grad_tile<D, 16>(dqa, rowsum, sQ, row0, dyf, sSK, sSV, wr, s.scale, want_dq,
                             [&](int kl, int) { return kl < s.sinks; });
       if (has_prev) {
         const int key0 = (c - 1) * CHUNK;
-        window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kp, Vp, m, inv, delta, gamma, s.scale, want_dq,
+        window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kp, Vp, wr, s.scale, want_dq,
                             [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
       }
-      window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, m, inv, delta, gamma, s.scale, want_dq,
+      window_grad_tile<D, 64>(dqa, rowsum, sQ, row0, dyf, Kc, Vc, wr, s.scale, want_dq,
                           [&](int kl, int rl) { return kl <= rl; }, warp + 1);
       #pragma unroll
       for (int r = 0; r < 2; r++) {
@@ -2392,37 +2424,6 @@ static __global__ void __launch_bounds__(128, 1) fast_backward_key_kernel(FastBw
   cp_async_wait<0>();
 }
 
-// acc (16 x D) += du (rows [r0, r0+16) of a global 16-bit x 64 matrix) . W^T, W (D x 64) read from global
-// (L1-resident: every warp of the block reads the same 16 KB): the feature-map part of dq or dk.
-template <int D>
-__device__ __forceinline__ void mul_du_weights_t(float (&acc)[D / 8][4], const bf16* du, size_t row_stride, int r0, int n_valid,
-                                                 const bf16* W) {
-  const int l = lane_id(), g = l >> 2, t = l & 3;
-  uint32_t uf[4][4];
-  frag_a_global<64>(uf, du, row_stride, r0, n_valid);
-  const uint32_t* w = (const uint32_t*)W;
-  // The W words of NB n-tiles are loaded together, then multiplied: a few L2 round trips a call rather than
-  // one per n-tile (W is read through the read-only path; nothing writes it during the backward).
-  constexpr int NB = 8;
-  #pragma unroll
-  for (int n0 = 0; n0 < D / 8; n0 += NB) {
-    uint32_t wb[NB][8];
-    #pragma unroll
-    for (int i = 0; i < NB; i++) {
-      const uint32_t* wr = w + (8 * (n0 + i) + g) * 32;  // B[k][n] = W[n][k]: row d = 8 nt + g, features 16 kk + 2t (+8)
-      #pragma unroll
-      for (int kk = 0; kk < 4; kk++) {
-        wb[i][2 * kk] = __ldg(wr + 8 * kk + t);
-        wb[i][2 * kk + 1] = __ldg(wr + 8 * kk + 4 + t);
-      }
-    }
-    #pragma unroll
-    for (int i = 0; i < NB; i++)
-      #pragma unroll
-      for (int kk = 0; kk < 4; kk++) mma_bf16(acc[n0 + i], uf[kk], wb[i][2 * kk], wb[i][2 * kk + 1]);
-  }
-}
-
 // dst rows [j0, j0+16) of (B, T, Hkv, D) fp32 += a warp's C-layout accumulator (16 x 8 NT): one 16-byte
 // atomic a lane per n-tile (lane pairs swap halves so that each holds 4 consecutive columns of one row).
 // The fp32 reductions over GQA heads are bound by the number of atomic operations, not their bytes.
@@ -2444,9 +2445,28 @@ __device__ __forceinline__ void add_c_tile_atomic(float* dst, const float (&acc)
 // Window part of dk, dv (full backward): one block per (key chunk, h, b), no state. Key chunk c is a softmax
 // key of query chunk c (causally) and c+1 (all of it for terrace; keys less than w behind for sliding).
 // ds^T = A^T (g.v - delta) + [j = arg max_i] dm_i; dk += ds^T q / sqrt(d), dv += A^T g.
-// The window kernels' shared pieces (fast_window_kv_kernel, fast_window_kv_v3_kernel). Queries of chunks
-// c and c+1 (nq_chunks of them) of head h: their q and dy tiles (cp.async, not committed) and row
-// statistics [u][5][64]: m, 1/den, delta, dm, arg max (zeros and -1 past T).
+// The window kernels' shared pieces (fast_window_kv_kernel, fast_window_kv_v3_kernel).
+// Row statistics of a query chunk as they read them (WST floats): per query PAIR (2p, 2p + 1) three 16-byte
+// words [m'0 m'1 inv0 inv1 | is0 is1 dl0 dl1 | dm0 dm1 arg0 arg1], with m' = m log2(e) - log2(gamma) (+inf
+// past T, so A = 0 there), inv = 1/den (0 past T), is = inv / sqrt(d), dl = delta / sqrt(d), dm = dm_i / sqrt(d)
+// and arg the arg max (int bits): a thread's n-tile needs its two queries' statistics, three vector loads
+// (one word a statistic and query was ~80 shared loads a tile, and a third of the dk/dv kernel's stalls).
+constexpr int WST = 32 * 12;
+__device__ __forceinline__ int wst_at(int q, int field) { return (q >> 1) * 12 + 2 * field + (q & 1); }
+// Turns query q's raw statistics (m, den, delta, dm at their fields 0, 1, 3, 4; den = 0 past T) into the
+// above, for the head with window logit wlogit.
+__device__ __forceinline__ void wst_finish(float* st, int q, float wlogit, float scale) {
+  const float den = st[wst_at(q, 1)];
+  const bool ok = den != 0.0f;
+  const float inv = ok ? 1.0f / den : 0.0f;
+  st[wst_at(q, 0)] = ok ? st[wst_at(q, 0)] * LOG2E - log2f(sigmoidf_(wlogit)) : INFINITY;
+  st[wst_at(q, 1)] = inv;
+  st[wst_at(q, 2)] = inv * scale;
+  st[wst_at(q, 3)] *= scale;
+  st[wst_at(q, 4)] *= scale;
+}
+// Queries of chunks c and c+1 (nq_chunks of them) of head h: their q and dy tiles (cp.async, not committed)
+// and row statistics [u][WST] (plain loads).
 template <int D>
 __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b, int c, int h, int nq_chunks, bf16* sQ,
                                                     bf16* sDY, float* sSt, int tid) {
@@ -2461,12 +2481,13 @@ __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b,
       const int i = qc * CHUNK + tid;
       const bool ok = i < s.T;
       const size_t ri = row_index(s, b, ok ? i : 0, h);
-      float* st = sSt + u * 5 * 64;
-      st[tid] = ok ? a.sv.row_max[ri] : 0.0f;
-      st[64 + tid] = ok ? 1.0f / a.sv.row_den[ri] : 0.0f;
-      st[128 + tid] = ok ? a.sv.row_delta[ri] : 0.0f;
-      st[192 + tid] = ok ? a.dm[ri] : 0.0f;
-      st[256 + tid] = ok ? __int_as_float(a.sv.row_argmax[ri]) : __int_as_float(-1);
+      float* st = sSt + u * WST;
+      st[wst_at(tid, 0)] = ok ? a.sv.row_max[ri] : 0.0f;
+      st[wst_at(tid, 1)] = ok ? a.sv.row_den[ri] : 0.0f;
+      st[wst_at(tid, 3)] = ok ? a.sv.row_delta[ri] : 0.0f;
+      st[wst_at(tid, 4)] = ok ? a.dm[ri] : 0.0f;
+      st[wst_at(tid, 5)] = __int_as_float(ok ? a.sv.row_argmax[ri] : -1);
+      wst_finish(st, tid, a.wlogit[h], s.scale);
     }
   }
 }
@@ -2475,13 +2496,15 @@ __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b,
 // chunk c (K, V tiles in sK, sV) against the queries loaded by load_window_queries:
 //   dv += A^T (dy / den),  dk += ds^T q / sqrt(d)  with ds = A (dP / den - delta) (+ dm at the arg max).
 // window_kv_chunk: one query chunk (u = 0: chunk c, the causal tile; u = 1: chunk c+1), its tiles Q, DY and
-// statistics st [5][64].
+// statistics st [WST]. Key rows past T come out as garbage that nothing writes (each key row's dk, dv depend
+// on that row alone), so only the geometry masks A; a query past T has m' = +inf and so A = 0.
 template <int D>
 __device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
                                                 const bf16* sK, const bf16* sV, const bf16* Q, const bf16* DY,
-                                                const float* st, int u, int warp, int g, int t, float gamma,
-                                                bool sliding, const Shape& s, int j0) {
+                                                const float* st, int u, int warp, int g, int t, bool sliding,
+                                                const Shape& s, int j0) {
   const int row0 = warp * 16;
+  const float c1 = s.scale * LOG2E;
   {
     uint32_t ap[4][4], dsp[4][4];
     const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
@@ -2490,23 +2513,22 @@ __device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], fl
       mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
       mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
       #pragma unroll
-      for (int nt = 0; nt < 8; nt++)
+      for (int nt = 0; nt < 8; nt++) {
+        const float* w = st + (4 * nt + t) * 12;  // queries 8 nt + 2 t, +1
+        const float4 w0 = *(const float4*)w, w1 = *(const float4*)(w + 4), w2 = *(const float4*)(w + 8);
         #pragma unroll
         for (int e = 0; e < 4; e++) {
-          const int kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + (e & 1), j = j0 + g + 8 * (e >> 1);
-          bool win;
-          if (u == 0) win = kl <= ql;
-          else win = !sliding || ql < kl || j < s.sinks;
-          win = win && j < s.T && st[64 + ql] != 0.0f;  // a real key and a real query
-          float A = 0.0f, ds = 0.0f;
-          if (win) {
-            A = gamma * exp2f((sc[nt][e] * s.scale - st[ql]) * LOG2E);
-            ds = A * (dpt[nt][e] * st[64 + ql] - st[128 + ql]);
-            if (__float_as_int(st[256 + ql]) == j) ds += st[192 + ql];
-          }
-          sc[nt][e] = A * st[64 + ql];  // A^T / den: dv = sum_i A_ij dy_i / den_i
-          dpt[nt][e] = ds * s.scale;
+          const int o = e & 1, kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + o, j = j0 + g + 8 * (e >> 1);
+          const float mp = o ? w0.y : w0.x, inv = o ? w0.w : w0.z, is = o ? w1.y : w1.x, dl = o ? w1.w : w1.z;
+          const float dm = o ? w2.y : w2.x;
+          const int arg = __float_as_int(o ? w2.w : w2.z);
+          const bool win = u == 0 ? kl <= ql : !sliding || ql < kl || j < s.sinks;
+          const float A = win ? ex2_approx(sc[nt][e] * c1 - mp) : 0.0f;  // gamma is in m'
+          // the arg max is a softmax key of its query, so j = arg implies the window
+          dpt[nt][e] = A * (dpt[nt][e] * is - dl) + (arg == j ? dm : 0.0f);  // ds / sqrt(d)
+          sc[nt][e] = A * inv;                                                 // A^T / den: dv = sum_i A_ij dy_i / den_i
         }
+      }
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
@@ -2518,17 +2540,17 @@ template <int D>
 __device__ __forceinline__ void window_kv_accumulate(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
                                                      const bf16* sK, const bf16* sV, const bf16* sQ, const bf16* sDY,
                                                      const float* sSt, int nq_chunks, int warp, int g, int t,
-                                                     float gamma, bool sliding, const Shape& s, int j0) {
+                                                     bool sliding, const Shape& s, int j0) {
   for (int u = 0; u < nq_chunks; u++)
-    window_kv_chunk<D>(dv, dk, sK, sV, sQ + u * Tiles<D>::TILE, sDY + u * Tiles<D>::TILE, sSt + u * 5 * 64, u, warp, g, t,
-                       gamma, sliding, s, j0);
+    window_kv_chunk<D>(dv, dk, sK, sV, sQ + u * Tiles<D>::TILE, sDY + u * Tiles<D>::TILE, sSt + u * WST, u, warp, g, t,
+                       sliding, s, j0);
 }
 
 template <int D>
 struct WinLayout {
   using TL = Tiles<D>;
   static constexpr size_t K = 0, V = K + TL::TILE * 2, Q = V + TL::TILE * 2, DY = Q + 2 * TL::TILE * 2,
-                          ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * 5 * 64 * 4;
+                          ST = DY + 2 * TL::TILE * 2, BYTES = ST + 2 * WST * 4;
 };
 template <int D>
 static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdArgs a) {  // 2 blocks per SM
@@ -2543,8 +2565,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
   bf16* sV = (bf16*)(smem_raw + LY::V);
   bf16* sQ = (bf16*)(smem_raw + LY::Q);
   bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][5][64]: m, 1/den, delta, dm, arg max
-  const float gamma = sigmoidf_(a.wlogit[h]);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 query chunks][WST]
   const size_t kstride = (size_t)s.Hkv * D;
   auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
@@ -2557,7 +2578,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_kernel(FastBwdAr
   float dv[NT][4] = {}, dk[NT][4] = {};
   cp_async_wait<0>();
   __syncthreads();
-  window_kv_accumulate<D>(dv, dk, sK, sV, sQ, sDY, sSt, nq_chunks, warp, g, t, gamma, sliding, s, j0);
+  window_kv_accumulate<D>(dv, dk, sK, sV, sQ, sDY, sSt, nq_chunks, warp, g, t, sliding, s, j0);
   add_c_tile_atomic<NT>(a.dv_acc, dv, s, b, hk, j0, D);
   add_c_tile_atomic<NT>(a.dk_acc, dk, s, b, hk, j0, D);
 }
@@ -2667,21 +2688,6 @@ constexpr int V3_THREADS = 256;
 constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile: conflict-free for the
                                  // transposed scalar stores (rows 2t, cols g) and the float2 row reads
 
-// rows [0, nrows) x cols [0, COLS) of a global matrix -> shared, by all 256 threads (zeros past n_valid).
-// Thread tid copies 16-byte column tid % CPR of rows tid / CPR + k (V3_THREADS / CPR): pointers step by a
-// constant, no index arithmetic a copy (ncu: the indexed loop was ~10 % of the state kernels' instructions).
-template <int COLS, class T>
-__device__ __forceinline__ void load_rows_async_v3(T* dst, int ld, const T* src, size_t row_stride, int nrows, int n_valid) {
-  constexpr int CPR = COLS / 8, RPP = V3_THREADS / CPR;  // 16-byte pieces a row, rows a pass
-  static_assert(V3_THREADS % CPR == 0, "a pass covers whole rows");
-  const int r0 = threadIdx.x / CPR, cc = threadIdx.x % CPR;
-  T* d = dst + r0 * ld + cc * 8;
-  const T* g = src + (size_t)r0 * row_stride + cc * 8;
-  for (int r = r0; r < nrows; r += RPP, d += RPP * ld, g += RPP * row_stride) {
-    const bool ok = r < n_valid;
-    cp_async16(d, ok ? g : src, ok);
-  }
-}
 // bf16 -> f16 (TO_F16) or f16 -> bf16, in place, by all 256 threads.
 template <int COLS, bool TO_F16>
 __device__ __forceinline__ void tile_convert_v3(void* tile, int ld, int nrows) {
@@ -2891,19 +2897,19 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
   auto load_kv = [&](int c) {
-    load_rows_async_v3<D>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
-    load_rows_async_v3<D>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D, V3_THREADS>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D, V3_THREADS>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
   };
 
-  load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
-  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_rows_async<64, V3_THREADS>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+  load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   if (s.sinks > 0) {
-    load_rows_async_v3<D>(sSK, LDT, kb, kstride, 16, s.sinks);
-    load_rows_async_v3<D>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
+    load_rows_async<D, V3_THREADS>(sSK, LDT, kb, kstride, 16, s.sinks);
+    load_rows_async<D, V3_THREADS>((bf16*)sSV, LDT, vb, kstride, 16, s.sinks);
   }
   if (c_begin >= 1) load_kv(c_begin - 1);
   load_kv(c_begin);
-  load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
+  load_rows_async<D, V3_THREADS>(sQ, LDT, qb + (size_t)c_begin * CHUNK * qstride, qstride, 64, rows_in(c_begin));
   cp_async_commit();
   float st[16][4];  // S^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
   {
@@ -2937,7 +2943,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     // The teacher's output for (D): a coalesced copy now, awaited at the barrier before (D) (as 4-byte
     // loads into registers in (C) it was scattered, and 16 registers a thread were held through the softmax).
     if (ytb) {
-      load_rows_async_v3<D>(sYT, LDT, ytb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+      load_rows_async<D, V3_THREADS>(sYT, LDT, ytb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
       cp_async_commit();
     }
 
@@ -3070,7 +3076,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     __syncthreads();  // sNum, sYT complete; K_{c-1}, V_{c-1}, Q_c no longer read: fetch chunk c+1
     if (c + 1 < c_end) {
       load_kv(c + 1);
-      load_rows_async_v3<D>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
+      load_rows_async<D, V3_THREADS>(sQ, LDT, qb + (size_t)(c + 1) * CHUNK * qstride, qstride, 64, rows_in(c + 1));
     }
     cp_async_commit();
 
@@ -3304,18 +3310,18 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   auto pk_slot = [&](int c) { return (unsigned short*)((c & 1) ? (void*)sK : (void*)sPK); };
   // The tiles chunk c reads: Q_c, dy_c (slot c & 1), K_{c-1}, V_{c-1} (slot (c-1) & 1).
   auto load_for = [&](int c) {
-    if (PHI_SAVED) load_rows_async_v3<NF>(pq_slot(c), LDP, pqb + (size_t)c * CHUNK * pstride, pstride, 64, rows_in(c));
-    else load_rows_async_v3<D>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
-    load_rows_async_v3<D>(sDY + (c & 1) * TL::TILE, LDT, dyb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    if (PHI_SAVED) load_rows_async<NF, V3_THREADS>(pq_slot(c), LDP, pqb + (size_t)c * CHUNK * pstride, pstride, 64, rows_in(c));
+    else load_rows_async<D, V3_THREADS>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    load_rows_async<D, V3_THREADS>(sDY + (c & 1) * TL::TILE, LDT, dyb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
     if (c >= 1) {
-      if (PHI_SAVED) load_rows_async_v3<NF>(pk_slot(c), LDP, pkb + (size_t)(c - 1) * CHUNK * pstride, pstride, 64, rows_in(c - 1));
-      else load_rows_async_v3<D>(sK, LDT, kb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
-      load_rows_async_v3<D>(sV + ((c - 1) & 1) * TL::TILE, LDT, vb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
+      if (PHI_SAVED) load_rows_async<NF, V3_THREADS>(pk_slot(c), LDP, pkb + (size_t)(c - 1) * CHUNK * pstride, pstride, 64, rows_in(c - 1));
+      else load_rows_async<D, V3_THREADS>(sK, LDT, kb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
+      load_rows_async<D, V3_THREADS>(sV + ((c - 1) & 1) * TL::TILE, LDT, vb + (size_t)(c - 1) * CHUNK * kstride, kstride, 64, rows_in(c - 1));
     }
   };
   if (!PHI_SAVED) {
-    load_rows_async_v3<64>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
-    load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+    load_rows_async<64, V3_THREADS>(sWq, TL::LDW, a.Wq + (size_t)h * D * 64, 64, D, D);
+    load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   }
   load_stats(c_begin);
   load_for(c_begin);
@@ -3514,22 +3520,22 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   auto load_iter = [&](int c) {  // K_c, V_c, and phi_q / den, dy, delta * den of query chunk c+1 (if any)
     const int sl = c & 1;
     if (PHI_SAVED)
-      load_rows_async_v3<NF>((unsigned short*)sK + sl * TL::TILE, LDP, pkb + (size_t)c * CHUNK * s.H * NF, (size_t)s.H * NF, 64,
+      load_rows_async<NF, V3_THREADS>((unsigned short*)sK + sl * TL::TILE, LDP, pkb + (size_t)c * CHUNK * s.H * NF, (size_t)s.H * NF, 64,
                              c + 1 < s.NC ? rows_in(c) : 0);
     else
-      load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
-    load_rows_async_v3<D>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+      load_rows_async<D, V3_THREADS>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D, V3_THREADS>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
     const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;  // no query chunk: all zeros, from a valid address
-    load_rows_async_v3<NF>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
-    load_rows_async_v3<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+    load_rows_async<NF, V3_THREADS>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async<D, V3_THREADS>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
     if (tid < 64) {
       const bool ok = tid < nq;
       const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
       sDD[sl * 64 + tid] = ok ? a.sv.row_delta[ri] * a.sv.row_den[ri] : 0.0f;
     }
   };
-  if (!PHI_SAVED) load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (!PHI_SAVED) load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   load_iter(c_end - 1);
   cp_async_commit();
   float st[16][4];  // R: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
@@ -3627,6 +3633,87 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   cp_async_wait<0>();
 }
 
+// ---- full backward, version 3: the feature-map part of dq and dk ----
+// out (rows, Ho, D) = sum over the G heads o G + i of output head o of du (rows, Ho G, 64) . W^T, with W
+// (Ho G, D, 64) as the maps are stored. dq: G = 1, Ho = H (du_q Wq^T per head, bf16 into dq itself, which the
+// window dq kernel then completes); dk: G = the GQA group, Ho = Hkv (du_k Wk^T summed over the heads that share
+// k, fp32 into dk_acc). A pass of its own because inside the window kernels W (16 KB a head) has no room in
+// shared memory at 2 blocks an SM, and read from L2 there it stalled every warp at once (ncu, H200, T = 1024:
+// 16 % of the dk/dv window kernel's samples, 25 % of the dq one's). Here W of the G heads sits in shared
+// memory, each warp takes 16 rows at a time, and the next head's du fragments load while one head multiplies.
+// dq's part goes out in bf16 (rounded twice, like two gradient contributions summed in a bf16 model): in fp32
+// its 4 bytes an element, written and read back, cost 0.03 ms of the 1.6 (H200, T = 1024).
+template <class OutT>
+struct DuWeightsArgs {
+  OutT* out;
+  const bf16 *du, *W;
+  long long rows;
+  int Ho, G;
+};
+inline size_t du_weights_smem(int G, int D) { return (size_t)G * D * (64 + 8) * 2; }
+constexpr int DUW_WARPS = 8;
+template <int D, class OutT>
+static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(DuWeightsArgs<OutT> a) {
+  constexpr int LDW = Tiles<D>::LDW, NT = D / 8;
+  const int o = blockIdx.y, warp = threadIdx.x >> 5, ln = threadIdx.x & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* sW = (bf16*)smem_raw;  // [G][D][LDW]
+  for (int i = 0; i < a.G; i++)
+    load_rows_async<64, DUW_WARPS * 32>(sW + i * D * LDW, LDW, a.W + (size_t)(o * a.G + i) * D * 64, 64, D, D);
+  cp_async_commit();
+  const size_t in_stride = (size_t)a.Ho * a.G * 64;
+  const bf16* du = a.du + (size_t)o * a.G * 64;
+  cp_async_wait<0>();
+  __syncthreads();
+  // The warp's (16-row tile, head) pairs in order; the next pair's du fragments load while one multiplies.
+  const long long step = (long long)gridDim.x * DUW_WARPS * 16;
+  long long r0 = ((long long)blockIdx.x * DUW_WARPS + warp) * 16;
+  if (r0 >= a.rows) return;
+  auto rows_at = [&](long long r) { return (int)min(16LL, a.rows - r); };
+  uint32_t uf[4][4], un[4][4];
+  frag_a_global<64>(uf, du + r0 * in_stride, in_stride, 0, rows_at(r0));
+  float acc[NT][4] = {};
+  for (int i = 0;;) {
+    long long r1 = r0;
+    int i1 = i + 1;
+    if (i1 == a.G) { i1 = 0; r1 += step; }
+    const bool more = r1 < a.rows;
+    if (more) frag_a_global<64>(un, du + r1 * in_stride + i1 * 64, in_stride, 0, rows_at(r1));
+    {
+      const bf16* Wi = sW + i * D * LDW;
+      #pragma unroll
+      for (int kk = 0; kk < 4; kk++)
+        #pragma unroll
+        for (int np = 0; np < D / 16; np++) {
+          uint32_t bb[4];
+          frag_b_nk(bb, Wi, LDW, 16 * np, 16 * kk);  // B[k][n] = W[n][k]
+          mma_bf16(acc[2 * np], uf[kk], bb[0], bb[1]);
+          mma_bf16(acc[2 * np + 1], uf[kk], bb[2], bb[3]);
+        }
+    }
+    if (i + 1 == a.G) {  // the tile's sum is complete
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        if (g + 8 * r >= rows_at(r0)) continue;
+        OutT* dst = a.out + ((r0 + g + 8 * r) * a.Ho + o) * D + 2 * t;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          if constexpr (std::is_same<OutT, float>::value) *(float2*)(dst + 8 * nt) = make_float2(acc[nt][2 * r], acc[nt][2 * r + 1]);
+          else *(uint32_t*)(dst + 8 * nt) = pack_bf16(acc[nt][2 * r], acc[nt][2 * r + 1]);
+          acc[nt][2 * r] = acc[nt][2 * r + 1] = 0.0f;
+        }
+      }
+    }
+    if (!more) break;
+    r0 = r1;
+    i = i1;
+    #pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) uf[kk][e] = un[kk][e];
+  }
+}
+
 // ---- full backward, version 3: the window part of dq (stateless) ----
 // One block of 4 warps per (query chunk c, kv head, b), warp w owning query rows [16w, +16); it loops over
 // the query heads of the GQA group, which share the key / value tiles (loaded once), with the next head's
@@ -3638,8 +3725,9 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
 template <int D>
 struct WinQLayout {
   using TL = Tiles<D>;
+  static constexpr int STW = 4 * 64 + 4;  // a head's row statistics: den, delta, m, arg max [4][64], the window logit
   static constexpr size_t Q = 0, K = Q + 2 * TL::TILE * 2, V = K + 2 * TL::TILE * 2, SK = V + 2 * TL::TILE * 2,
-                          SV = SK + 16 * TL::LDT * 2, BYTES = SV + 16 * TL::LDT * 2;
+                          SV = SK + 16 * TL::LDT * 2, ST = SV + 16 * TL::LDT * 2, BYTES = ST + 2 * STW * 4;
 };
 template <int D>
 static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArgs a) {
@@ -3655,14 +3743,28 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   bf16* sV = (bf16*)(smem_raw + LY::V);
   bf16* sSK = (bf16*)(smem_raw + LY::SK);
   bf16* sSV = (bf16*)(smem_raw + LY::SV);
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2]: by head parity
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
   const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
   const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
+  // A head's query tile and row statistics (cp.async, like the tiles: loaded into registers at the top of
+  // their head, the statistics stalled every warp, ncu: 9 % of the samples).
   auto load_q = [&](int hh) {
-    load_rows_async<D>(sQ + (hh & 1) * TL::TILE, LDT, a.q + row_index(s, b, c * CHUNK, hk * s.group + hh) * D, qstride, 64,
-                       rows_in(c));
+    const int h = hk * s.group + hh;
+    load_rows_async<D>(sQ + (hh & 1) * TL::TILE, LDT, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, 64, rows_in(c));
+    float* st = sSt + (hh & 1) * LY::STW;
+    if (tid < 64) {
+      const bool ok = tid < rows_in(c);
+      const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
+      cp_async4(st + tid, a.sv.row_den + ri, ok);
+      cp_async4(st + 64 + tid, a.sv.row_delta + ri, ok);
+      cp_async4(st + 128 + tid, a.sv.row_max + ri, ok);
+      cp_async4(st + 192 + tid, a.sv.row_argmax + ri, ok);
+    } else if (tid == 64) {
+      cp_async4(st + 256, a.wlogit + h, true);
+    }
   };
   load_q(0);
   for (int u = has_prev ? 0 : 1; u < 2; u++) {
@@ -3677,65 +3779,68 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   cp_async_commit();
   const int row0 = 16 * warp, i0 = c * CHUNK + row0;
   const bool want_dq = a.dq != nullptr;
+  bool valid[2];
+  #pragma unroll
+  for (int r = 0; r < 2; r++) valid[r] = i0 + g + 8 * r < s.T;
 
   for (int hh = 0; hh < s.group; hh++) {
     const int h = hk * s.group + hh;
     const bool more = hh + 1 < s.group;
     if (more) {
-      load_q(hh + 1);  // its buffer's last readers (head hh-1) passed the barrier below
-      // The next head's dy rows, du_q rows and row statistics, which this kernel reads into registers at the
-      // top of each head: into L2 now (first touches otherwise go to HBM while the block waits).
+      load_q(hh + 1);  // its buffers' last readers (head hh-1) passed the barrier below
+      // The next head's dy rows and du_q Wq^T rows, which this kernel reads into registers at the top of each
+      // head: into L2 now (first touches otherwise go to HBM while the block waits).
       const int rn = tid >> 1, i = c * CHUNK + rn;
       if (rn < rows_in(c)) {
         const size_t ri = row_index(s, b, i, h + 1);
         prefetch_l2(a.dy + ri * D + 64 * (tid & 1));
-        if (tid & 1) prefetch_l2(a.du_q + ri * 64);
-        else {
-          prefetch_l2(a.sv.row_max + ri);
-          prefetch_l2(a.sv.row_den + ri);
-        }
-      }
-      if (tid < rows_in(c)) {
-        const size_t ri = row_index(s, b, c * CHUNK + tid, h + 1);
-        prefetch_l2(a.sv.row_delta + ri);
-        prefetch_l2(a.sv.row_argmax + ri);
+        if (want_dq) prefetch_l2(a.dq + ri * D + 64 * (tid & 1));
       }
     }
     cp_async_commit();
-    const float gamma = sigmoidf_(a.wlogit[h]);
     const bf16* Q = sQ + (hh & 1) * TL::TILE;
-    // While the tiles arrive: row statistics, dy, and the feature-map part du_q Wq^T.
-    float inv[2], delta[2], m[2];
-    int arg[2];
-    bool valid[2];
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const int i = i0 + g + 8 * r;
-      valid[r] = i < s.T;
-      const size_t ri = row_index(s, b, valid[r] ? i : 0, h);
-      inv[r] = valid[r] ? 1.0f / a.sv.row_den[ri] : 0.0f;
-      delta[r] = valid[r] ? a.sv.row_delta[ri] : 0.0f;
-      m[r] = valid[r] ? a.sv.row_max[ri] : 0.0f;
-      arg[r] = valid[r] ? a.sv.row_argmax[ri] : 0;
-    }
+    // While the tiles arrive: dy and the feature-map part du_q Wq^T (from du_weights_kernel, in dq itself;
+    // each thread reads the words it will write).
     uint32_t dyf[KT][4];
     frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
-    float dqa[NT][4] = {};
-    if (want_dq) mul_du_weights_t<D>(dqa, a.du_q + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
-                                     a.Wq + (size_t)h * D * 64);
-    cp_async_wait<1>();  // everything but the next head's query tile
+    float dqa[NT][4];
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const uint32_t* src = (const uint32_t*)(a.dq + row_index(s, b, valid[r] ? i0 + g + 8 * r : 0, h) * D) + t;
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const uint32_t x = want_dq && valid[r] ? src[4 * nt] : 0u;
+        dqa[nt][2 * r] = bf16_lo(x);
+        dqa[nt][2 * r + 1] = bf16_hi(x);
+      }
+    }
+    cp_async_wait<1>();  // everything but the next head's query tile and statistics
     __syncthreads();
+    float inv[2], delta[2], m[2];
+    int arg[2];
+    {
+      const float* st = sSt + (hh & 1) * LY::STW;
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int rl = row0 + g + 8 * r;
+        inv[r] = valid[r] ? 1.0f / st[rl] : 0.0f;
+        delta[r] = st[64 + rl];
+        m[r] = st[128 + rl];
+        arg[r] = __float_as_int(st[192 + rl]);
+      }
+    }
+    const WinRows wr = win_rows(m, inv, delta, sigmoidf_(sSt[(hh & 1) * LY::STW + 256]));
 
     float rowsum[2] = {0.0f, 0.0f};
     if (sink_tile)
-      window_grad_tile<D, 16>(dqa, rowsum, Q, row0, dyf, sSK, sSV, m, inv, delta, gamma, s.scale, want_dq,
+      window_grad_tile<D, 16>(dqa, rowsum, Q, row0, dyf, sSK, sSV, wr, s.scale, want_dq,
                               [&](int kl, int) { return kl < s.sinks; });
     if (has_prev) {
       const int key0 = (c - 1) * CHUNK;
-      window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK, sV, m, inv, delta, gamma, s.scale, want_dq,
+      window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK, sV, wr, s.scale, want_dq,
                               [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; });
     }
-    window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK + TL::TILE, sV + TL::TILE, m, inv, delta, gamma, s.scale, want_dq,
+    window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK + TL::TILE, sV + TL::TILE, wr, s.scale, want_dq,
                             [&](int kl, int rl) { return kl <= rl; }, warp + 1);
     #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -3788,7 +3893,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   bf16* sV = (bf16*)(smem_raw + LY::V);
   bf16* sQ = (bf16*)(smem_raw + LY::Q);      // [2 slots]
   bf16* sDY = (bf16*)(smem_raw + LY::DY);    // [2 slots]
-  float* sSt = (float*)(smem_raw + LY::ST);  // [2 slots][5][64]: m, 1/den, delta, dm, arg max
+  float* sSt = (float*)(smem_raw + LY::ST);  // [2 slots][WST]
   const size_t kstride = (size_t)s.Hkv * D, qstride = (size_t)s.H * D;
   auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
@@ -3799,7 +3904,8 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
   // Iteration it = (head hh = it / nq_chunks, query chunk c + it % nq_chunks) uses slot it & 1: the query and
   // dy tiles and the row statistics, all by cp.async (the statistics too: plain loads would stall the loading
   // warps), so iteration it + 1's data arrives while it computes (the same shared memory as one slot per
-  // query chunk, which left every head's loads exposed). den arrives raw; its loader inverts it (1/den, 0 past T).
+  // query chunk, which left every head's loads exposed). The statistics arrive raw; the thread that copied
+  // them finishes them (wst_finish) after its wait.
   auto load_it = [&](int it) {
     const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
     load_rows_async<D>(sQ + sl * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
@@ -3807,56 +3913,65 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
     if (tid < 64) {
       const bool ok = tid < rows;
       const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
-      float* st = sSt + sl * 5 * 64;
-      cp_async4(st + tid, a.sv.row_max + ri, ok);
-      cp_async4(st + 64 + tid, a.sv.row_den + ri, ok);
-      cp_async4(st + 128 + tid, a.sv.row_delta + ri, ok);
-      cp_async4(st + 192 + tid, a.dm + ri, ok);
-      cp_async4(st + 256 + tid, a.sv.row_argmax + ri, ok);  // 0 past T: unused there (1/den = 0 masks the row)
+      float* st = sSt + sl * WST;
+      cp_async4(st + wst_at(tid, 0), a.sv.row_max + ri, ok);
+      cp_async4(st + wst_at(tid, 1), a.sv.row_den + ri, ok);
+      cp_async4(st + wst_at(tid, 3), a.sv.row_delta + ri, ok);
+      cp_async4(st + wst_at(tid, 4), a.dm + ri, ok);
+      cp_async4(st + wst_at(tid, 5), a.sv.row_argmax + ri, ok);  // 0 past T, where dm = 0
     }
     cp_async_commit();
   };
   load_it(0);  // with K and V
-  // The feature-map part first, while the first tiles arrive (and before dv is live: registers).
-  float dk[NT][4] = {};
-  #pragma unroll 1
-  for (int hh = 0; hh < s.group; hh++) {
-    const int h = hk * s.group + hh;
-    mul_du_weights_t<D>(dk, a.du_k + row_index(s, b, c * CHUNK, h) * 64, (size_t)s.H * 64, row0, rows_in(c),
-                        a.Wk + (size_t)h * D * 64);
-  }
-  float dv[NT][4] = {};
+  float wl = a.wlogit[hk * s.group];  // the window logit of iteration it's head (loaded an iteration ahead)
+  float dk[NT][4] = {}, dv[NT][4] = {};
   #pragma unroll 1
   for (int it = 0; it < n_it; it++) {
-    if (it + 1 < n_it) load_it(it + 1);  // its slot's last readers (iteration it - 1) passed the barrier below
-    else cp_async_commit();              // an empty group: the wait below still means "iteration it's data"
-    cp_async_wait<1>();
-    const int sl = it & 1, u = it % nq_chunks, h = hk * s.group + it / nq_chunks;
-    if (tid < 64) {  // the thread that copied den_i sees it after its own wait
-      float* inv = sSt + sl * 5 * 64 + 64 + tid;
-      *inv = *inv != 0.0f ? 1.0f / *inv : 0.0f;
+    float wl_next = wl;
+    if (it + 1 < n_it) {  // its slot's last readers (iteration it - 1) passed the barrier below
+      load_it(it + 1);
+      wl_next = a.wlogit[hk * s.group + (it + 1) / nq_chunks];
+    } else {
+      cp_async_commit();  // an empty group: the wait below still means "iteration it's data"
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {  // the accumulator rows the output adds: into L2 during the last iteration
+        const int j = j0 + g + 8 * r;
+        if (j >= s.T) continue;
+        const size_t base = kv_index(s, b, j, hk) * D + 32 * t;  // the quad's 4 lines of the 512-byte row
+        if (a.dv_out) prefetch_l2(a.dv_acc + base);
+        if (a.dk_out) prefetch_l2(a.dk_acc + base);
+      }
     }
+    cp_async_wait<1>();
+    const int sl = it & 1, u = it % nq_chunks;
+    if (tid < 64) wst_finish(sSt + sl * WST, tid, wl, s.scale);  // its own copies, visible after its wait
+    wl = wl_next;
     __syncthreads();
-    window_kv_chunk<D>(dv, dk, sK, sV, sQ + sl * TL::TILE, sDY + sl * TL::TILE, sSt + sl * 5 * 64, u, warp, g, t,
-                       sigmoidf_(a.wlogit[h]), sliding, s, j0);
+    window_kv_chunk<D>(dv, dk, sK, sV, sQ + sl * TL::TILE, sDY + sl * TL::TILE, sSt + sl * WST, u, warp, g, t, sliding, s, j0);
     __syncthreads();  // slot sl is free for iteration it + 2
   }
+  // Out: the window part + the accumulators (dk_acc: du_k Wk^T from du_weights_kernel and the sinks' part;
+  // dv_acc: the linear and the sinks' parts). A row's 16 accumulator words are loaded before any store: the
+  // stores may alias them as far as the compiler knows, and one load-then-store a word serialised 64 global
+  // round trips a thread (ncu: 17 % of the kernel's samples).
   #pragma unroll
   for (int r = 0; r < 2; r++) {
     const int j = j0 + g + 8 * r;
     if (j >= s.T) continue;
-    const size_t base = kv_index(s, b, j, hk) * D;
-    #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-      const int col = 8 * nt + 2 * t;
-      if (a.dv_out) {
-        const float2 x = *(const float2*)&a.dv_acc[base + col];
-        *(uint32_t*)&a.dv_out[base + col] = pack_bf16(dv[nt][2 * r] + x.x, dv[nt][2 * r + 1] + x.y);
-      }
-      if (a.dk_out) {
-        const float2 x = s.sinks > 0 ? *(const float2*)&a.dk_acc[base + col] : make_float2(0.0f, 0.0f);
-        *(uint32_t*)&a.dk_out[base + col] = pack_bf16(dk[nt][2 * r] + x.x, dk[nt][2 * r + 1] + x.y);
-      }
+    const size_t base = kv_index(s, b, j, hk) * D + 2 * t;
+    if (a.dv_out) {
+      float2 x[NT];
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) x[nt] = *(const float2*)&a.dv_acc[base + 8 * nt];
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) *(uint32_t*)&a.dv_out[base + 8 * nt] = pack_bf16(dv[nt][2 * r] + x[nt].x, dv[nt][2 * r + 1] + x[nt].y);
+    }
+    if (a.dk_out) {
+      float2 x[NT];
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) x[nt] = *(const float2*)&a.dk_acc[base + 8 * nt];
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) *(uint32_t*)&a.dk_out[base + 8 * nt] = pack_bf16(dk[nt][2 * r] + x[nt].x, dk[nt][2 * r + 1] + x[nt].y);
     }
   }
 }
@@ -3900,13 +4015,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
   auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
   auto load_iter = [&](int c) {  // K_c, and phi_q / den, dy of query chunk c+1 (zeros if none)
     const int sl = c & 1;
-    load_rows_async_v3<D>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    load_rows_async<D, V3_THREADS>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
     const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;
-    load_rows_async_v3<NF>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
-    load_rows_async_v3<D>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+    load_rows_async<NF, V3_THREADS>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+    load_rows_async<D, V3_THREADS>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
   };
-  load_rows_async_v3<64>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   load_iter(c_end - 1);
   cp_async_commit();
   float st[16][4];  // R^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
@@ -4010,7 +4125,7 @@ struct Workspace {
   float *row_sq, *dm;            // (B,T,H)
   float* blk_sq;                 // fast path: (B,H,nseg) the version-3 forward blocks' squared errors
   bf16 *du_q, *du_k;             // (B,T,H,f)
-  float *dk_acc, *dv_acc;        // (B,T,Hkv,d)
+  float *dk_acc, *dv_acc;        // (B,T,Hkv,d) input gradients only
   float* dW_part;                // fast path: (2, WG_SPLITS, H, d, f)
   bf16* phiq_bf;                 // fast path: (B,T,H,128) phi_q / den, query side -> key side
   float* sum_part;               // (SUM_BLOCKS) partial sums of the stage-1 loss
@@ -4062,7 +4177,9 @@ inline size_t carve(size_t& off, size_t bytes) {
   off += (bytes + 255) / 256 * 256;
   return at;
 }
-inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t* total) {
+// The buffers that only input gradients (dq, dk, dv) use come last, so that a workspace sized without them
+// (hybrid_workspace_bytes(p, false)) is a prefix of the full layout.
+inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t* total, bool input_grads = true) {
   const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
   const size_t NC = ceil_div(p.T, CHUNK), F2 = 2 * (size_t)p.f;
   const bool fast = hybrid_uses_fast_path(p);
@@ -4091,8 +4208,10 @@ inline Workspace workspace_layout(void* base, const HybridAttnParams& p, size_t*
   w.dm = (float*)take(rows * 4);
   w.du_q = (bf16*)take(rows * p.f * 2);
   w.du_k = (bf16*)take(rows * p.f * 2);
-  w.dk_acc = (float*)take(kv * 4);
-  w.dv_acc = (float*)take(kv * 4);
+  if (input_grads) {
+    w.dk_acc = (float*)take(kv * 4);
+    w.dv_acc = (float*)take(kv * 4);
+  }
   if (total) *total = off;
   return w;
 }
@@ -4169,6 +4288,19 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
   mark("fwd: main", stream);
 }
 
+// out (B*T, Ho, D) = the feature-map part of dq (bf16, Ho = H, G = 1) or dk (fp32, Ho = Hkv, G = group).
+template <int D, class OutT>
+inline void launch_du_weights(OutT* out, const bf16* du, const bf16* W, const HybridAttnParams& p, int Ho, int G,
+                              cudaStream_t stream) {
+  const long long rows = (long long)p.B * p.T;
+  const size_t smem = du_weights_smem(G, D);
+  set_max_smem(du_weights_kernel<D, OutT>, smem);
+  // Two blocks an SM in one wave (each loads W of its G heads once), the row tiles spread over them.
+  const int bx = std::max(1, std::min(ceil_div(rows, 16LL * DUW_WARPS), 2 * sm_count() / Ho));
+  du_weights_kernel<D, OutT><<<dim3((unsigned)bx, Ho), DUW_WARPS * 32, smem, stream>>>(
+      DuWeightsArgs<OutT>{out, du, W, rows, Ho, G});
+  CUDA_LAUNCH_CHECK();
+}
 template <int D>
 inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
                             const HybridAttnWeights& wts, const bf16* dy, const HybridAttnSaved& saved, const Workspace& ws,
@@ -4199,6 +4331,10 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: query side", stream);
+  if (v3 && grads.dq) {  // the feature-map part of dq, du_q Wq^T, into dq for the window dq kernel to complete
+    launch_du_weights<D>(grads.dq, ws.du_q, wts.Wq, p, p.H, 1, stream);
+    mark("bwd: dq maps", stream);
+  }
   if (v3 && ba.want_window) {
     set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
     fast_window_q_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
@@ -4225,7 +4361,9 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     CUDA_LAUNCH_CHECK();
     mark("bwd: dv linear", stream);
   }
-  if (input_grads && v3) {  // the sinks' part into the accumulators first; the window kernel writes dk, dv
+  if (input_grads && v3) {  // dk_acc = du_k Wk^T, then the sinks' part; the window kernel writes dk, dv
+    if (grads.dk) launch_du_weights<D>(ws.dk_acc, ws.du_k, wts.Wk, p, p.Hkv, s.group, stream);
+    mark("bwd: dk maps", stream);
     if (p.sinks > 0) {
       sink_kv_grad_kernel<<<dim3(s.NC, p.H, p.B), 128, 0, stream>>>(ws.dk_acc, ws.dv_acc, q, k, v, dy, wts.w, saved, ws.dm, s);
       CUDA_LAUNCH_CHECK();
@@ -4320,9 +4458,9 @@ inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p,
   }
   return s;
 }
-inline size_t hybrid_workspace_bytes(const HybridAttnParams& p) {
+inline size_t hybrid_workspace_bytes(const HybridAttnParams& p, bool input_grads) {
   size_t total = 0;
-  hybrid_detail::workspace_layout(nullptr, p, &total);
+  hybrid_detail::workspace_layout(nullptr, p, &total, input_grads);
   return total;
 }
 
@@ -4334,7 +4472,7 @@ inline void hybrid_attention_forward(const HybridAttnParams& p, const bf16* q, c
   if (loss && (!loss->y_true || !loss->mse || !saved.dy)) fatal("hybrid attention: the stage-1 loss needs y_true, mse and saved.dy");
   if (!y && !loss) fatal("hybrid attention: y is required without the stage-1 loss");
   const Shape s = make_shape(p);
-  Workspace ws = workspace_layout(workspace, p, nullptr);
+  Workspace ws = workspace_layout(workspace, p, nullptr, /*input_grads=*/false);  // the forward uses none of them
   const size_t rows = (size_t)p.B * p.T * p.H;
   const float inv_n = 1.0f / (float)(rows * p.d);
   if (hybrid_uses_fast_path(p)) {
@@ -4378,19 +4516,21 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
   if (fused && !saved.dy) fatal("hybrid attention backward: no dy given and the forward did not fuse the stage-1 loss");
   if (!fused && !y) fatal("hybrid attention backward: y (the forward output) is required with dy");
   const Shape s = make_shape(p);
-  Workspace ws = workspace_layout(workspace, p, nullptr);
-  const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
   const bool input_grads = grads.dq || grads.dk || grads.dv;
+  // (without input gradients, the buffers only they use are null: the workspace may end before them)
+  Workspace ws = workspace_layout(workspace, p, nullptr, input_grads);
+  const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
   const bf16* g = fused ? saved.dy : dy;
   if (!fused) {
     delta_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(saved.row_delta, dy, y, saved.y_lo, saved.row_den, rows, p.d);
     CUDA_LAUNCH_CHECK();
   }
   mark("bwd: delta", stream);
-  // Version 3 (fast path, d = 128) writes dk, dv from its window kernel; dk_acc then holds only the sinks' part.
+  // Version 3 (fast path, d = 128) writes dk, dv from its window kernel; dk_acc then starts as du_k Wk^T
+  // (written, not added, by du_weights_kernel).
   const bool v3_out = hybrid_uses_fast_path(p) && uses_v3(p);
   if (input_grads) {
-    if (!v3_out || p.sinks > 0) CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
+    if (!v3_out) CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
   }
   if (hybrid_uses_fast_path(p)) {

@@ -103,7 +103,7 @@ inline Stage1 stage1_create(const Stage1Config& o, const LlamaModel& m, int B, i
   adamw_write_bf16(&s.opt, s.params_bf16);
   s.saved_mem = cuda_alloc<char>(hybrid_saved_bytes(s.hp, true));
   s.saved = hybrid_saved_carve(s.saved_mem, s.hp, true);
-  s.workspace = cuda_alloc<char>(hybrid_workspace_bytes(s.hp));
+  s.workspace = cuda_alloc<char>(hybrid_workspace_bytes(s.hp, /*input_grads=*/false));  // stage 1 asks for no dq, dk, dv
   s.layer_mse = cuda_alloc<float>(s.L);
   CUDA_CHECK(cudaMemset(s.layer_mse, 0, s.L * sizeof(float)));
   s.sched = o.schedule;
