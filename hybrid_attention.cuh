@@ -94,27 +94,36 @@
 // tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise). z (query side) and r
 // (key side) are double-buffered in shared memory. In stage 1 they load the forward's feature maps instead
 // of recomputing them (PHI_SAVED). 167-196 registers, no spills, ~210 KB of shared memory.
-// Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k; what they cannot give
-// cheaply runs in kernels of its own. (1) fast_window_q_kernel, stateless (a block per query chunk and kv
-// head, looping over the GQA group's query heads, which share the K/V tiles; 2 blocks an SM): the window's
-// ds from the saved max, its row sums (-dm_i, the window term), dq = du_q Wq^T + ds K / sqrt(d) +
-// dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel: dv = phi_k R contracts over the features, which the
-// key kernel's partition splits across warps, so a second backward walk holds R^T partitioned by head-dim
+// Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k (loading the feature maps
+// when the forward kept them, as in stage 1: HybridAttnSaved with room for them); what they cannot give
+// cheaply runs in kernels of its own. (0) du_weights_kernel: the feature-map parts du_q Wq^T (bf16, into dq)
+// and du_k Wk^T summed over the GQA group (fp32, into dk_acc), W in shared memory. (1) fast_window_q_kernel,
+// stateless (a block per query chunk and kv head, looping over the GQA group's query heads, which share the
+// K/V tiles; 2 blocks an SM): the window's ds from the saved max, its row sums (-dm_i, the window term),
+// dq = (du_q Wq^T, read from dq) + ds K / sqrt(d) + dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel:
+// dv = phi_k R contracts over the features, which the key kernel's partition splits across warps, so a second backward walk holds R^T partitioned by head-dim
 // rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T exactly like the forward's numL^T (+ the
 // sliding term), into the fp32 dv accumulator (16-byte atomics over the GQA heads); cost: R is accumulated
 // twice. (3) sink_kv_grad_kernel, then fast_window_kv_v3_kernel: a block per key chunk and kv head loops
-// over the group's query heads, summing the window's dk, dv and du_k Wk^T in registers, adds the
-// accumulators and writes bf16 dk, dv (no atomics, no conversion pass). Its loop runs over (head, query
+// over the group's query heads, summing the window's dk, dv in registers, adds the accumulators and
+// writes bf16 dk, dv (no atomics, no conversion pass). Its loop runs over (head, query
 // chunk) pairs with two shared-memory slots, so the next pair's q, dy tiles and row statistics (cp.async,
 // den inverted by the thread that copied it) arrive while this one computes: one slot per query chunk, the
 // earlier layout, left every head's loads exposed at 2 blocks an SM (registers: 255 a thread). The dq
 // kernel reads the arg max key's row k_{j*} from its shared tiles (j* is a softmax key), not from global
-// memory after the row sums, and prefetches the next head's dy, du_q and row statistics into L2 (no shared
-// memory is left for them at 2 blocks an SM); du Wq^T / du Wk^T load W's words 8 n-tiles at a time. (H200,
-// T = 1024: window dq 0.314 -> 0.279 ms, window dk dv 0.460 -> 0.450: the loads were not what bounds these
-// kernels; 8 warps an SM at 254-255 registers and the causal tile's uneven warps are the suspects.)
+// memory after the row sums, and prefetches the next head's dy and dq rows into L2; its row statistics come
+// by cp.async with the query tile. (H200, T = 1024: window dq 0.314 -> 0.279 ms, window dk dv 0.460 -> 0.450
+// with the slots and prefetches. Then ncu's source-level sampling, 2026-11-29: du W^T with W read from L2
+// (inside these kernels then) was 16-25 % of their samples, the dk/dv kernel's output loop (a load then a
+// store a word, which the compiler may not reorder) 17 %, its scalar row-statistic loads a third, the tile
+// copies' index arithmetic a fifth of its instructions. With du_weights_kernel, batched output loads, the
+// statistics packed per query pair with gamma and 1/sqrt(d) folded in, one ex2 a score and fixed-pattern
+// copies: window dq 0.279 -> 0.205 (+ 0.037 for dq's maps), window dk dv 0.450 -> 0.249 (+ 0.033 for dk's).
+// The state kernels and the dv pass loading the forward's feature maps instead of recomputing them: query side
+// 0.239 -> 0.158, key side 0.175 -> 0.136, dv 0.155 -> 0.125 ms, for 0.017 more in the forward. Full fwd + bwd
+// 1.783 -> 1.456 ms; 1.586 without room for the maps.)
 // The window tiles skip the causal tile's 16-row blocks a warp never sees.
-// 180-255 registers; the dk/dv window kernel spills 4 bytes.
+// 180-255 registers; the dq window kernel spills 28 bytes.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window
@@ -192,9 +201,10 @@ struct HybridAttnSaved {
                                // cancelling terms) with percent-level noise. Stage 1 never needs it.
   float* seg_state = nullptr;  // tensor-core path with more than one segment: the linear state before each
                                // segment, (B, H, nseg, 128, d) then (B, H, nseg, 128); the backward reuses it
-  __half* phi_q = nullptr;     // (B, T, H, 128) version 3, stage 1 (carved with dy): the forward's phi_q (f16)
+  __half* phi_q = nullptr;     // (B, T, H, 128) version 3 (carved with dy or with_phi): the forward's phi_q (f16)
   __half* phi_k = nullptr;     // (B, T, H, 128) and phi_k (f16; zero for the sinks, the last chunk unwritten), so
-                               // the stage-1 backward loads the feature maps instead of recomputing them
+                               // the backward loads the feature maps instead of recomputing them (H200, T = 1024,
+                               // full backward: query side 0.239 -> ~0.16 ms, key side 0.175 -> ~0.14)
   float* wgrad_part = nullptr; // (B, H, nseg) version 3, stage 1 (carved with dy): row_wgrad summed over each
                                // forward block's rows, for dw (row_wgrad itself is then not written)
 };
@@ -220,8 +230,11 @@ struct HybridAttnGrads {
 // Checks the shapes (one-line fatal error on bad input).
 inline void hybrid_check_params(const HybridAttnParams& p);
 // Bytes of the per-layer saved state; with_dy: room for the stage-1 dy (B, T, H, d); with_ylo: for y_lo.
-inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
-inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo = false);
+// with_phi: room for the feature maps (2 x 256 bytes a row and head, version 3 only), which the forward then
+// keeps so that the backward loads them rather than recomputing them (stage 1 always keeps them: with_dy).
+inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo = false, bool with_phi = false);
+inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo = false,
+                                          bool with_phi = false);
 // Bytes of scratch one forward + backward needs (shared by all layers; allocate once for the largest shape).
 // input_grads = false: enough only for backward calls that ask for no dq, dk, dv (stage 1).
 inline size_t hybrid_workspace_bytes(const HybridAttnParams& p, bool input_grads = true);
@@ -2974,7 +2987,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       }
     }
     __syncthreads();  // phi tiles, sLL, V_c (f16)
-    if (STAGE1 && a.sv.phi_q) {  // the feature maps for the backward: phi_q of chunk c, phi_k of chunk c-1,
+    if (a.sv.phi_q) {  // the feature maps for the backward: phi_q of chunk c, phi_k of chunk c-1,
       // 16 bytes a step; thread tid copies 16-byte column tid % 16 of rows tid / 16 + 16 k (NF = 128: 16 a row),
       // no index arithmetic a step (with the dy copy below: forward + loss 0.397 -> 0.383 ms)
       static_assert(NF == 128 && V3_THREADS == 256, "the copy pattern assumes 16 pieces a row, 16 rows a pass");
@@ -3650,14 +3663,23 @@ struct DuWeightsArgs {
   long long rows;
   int Ho, G;
 };
-inline size_t du_weights_smem(int G, int D) { return (size_t)G * D * (64 + 8) * 2; }
 constexpr int DUW_WARPS = 8;
+// A warp's output staging rows: 8 rows of D + 8 values (rows 4 or 8 banks apart: the fragment stores of a
+// half-warp hit distinct banks).
+template <class OutT>
+constexpr int duw_stage_ld(int D) { return D + 8; }
+template <class OutT>
+inline size_t du_weights_smem(int G, int D) {
+  return (size_t)G * D * (64 + 8) * 2 + (size_t)DUW_WARPS * 8 * duw_stage_ld<OutT>(D) * sizeof(OutT);
+}
 template <int D, class OutT>
 static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(DuWeightsArgs<OutT> a) {
   constexpr int LDW = Tiles<D>::LDW, NT = D / 8;
   const int o = blockIdx.y, warp = threadIdx.x >> 5, ln = threadIdx.x & 31, g = ln >> 2, t = ln & 3;
+  constexpr int LDS = duw_stage_ld<OutT>(D), CPR = D * (int)sizeof(OutT) / 16;  // 16-byte pieces a row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sW = (bf16*)smem_raw;  // [G][D][LDW]
+  OutT* stage = (OutT*)(smem_raw + (size_t)a.G * D * LDW * 2) + warp * 8 * LDS;  // this warp's [8][LDS]
   for (int i = 0; i < a.G; i++)
     load_rows_async<64, DUW_WARPS * 32>(sW + i * D * LDW, LDW, a.W + (size_t)(o * a.G + i) * D * 64, 64, D, D);
   cp_async_commit();
@@ -3691,17 +3713,28 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
           mma_bf16(acc[2 * np + 1], uf[kk], bb[2], bb[3]);
         }
     }
-    if (i + 1 == a.G) {  // the tile's sum is complete
+    if (i + 1 == a.G) {  // the tile's sum is complete: out through the staging rows, 16-byte stores
+      // (the fragments' 4- and 8-byte stores straight to global half-filled their sectors and were 56 % of
+      // the samples, ncu)
+      const int nval = rows_at(r0);
       #pragma unroll
       for (int r = 0; r < 2; r++) {
-        if (g + 8 * r >= rows_at(r0)) continue;
-        OutT* dst = a.out + ((r0 + g + 8 * r) * a.Ho + o) * D + 2 * t;
         #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-          if constexpr (std::is_same<OutT, float>::value) *(float2*)(dst + 8 * nt) = make_float2(acc[nt][2 * r], acc[nt][2 * r + 1]);
-          else *(uint32_t*)(dst + 8 * nt) = pack_bf16(acc[nt][2 * r], acc[nt][2 * r + 1]);
+          OutT* sp = stage + g * LDS + 8 * nt + 2 * t;
+          if constexpr (std::is_same<OutT, float>::value) *(float2*)sp = make_float2(acc[nt][2 * r], acc[nt][2 * r + 1]);
+          else *(uint32_t*)sp = pack_bf16(acc[nt][2 * r], acc[nt][2 * r + 1]);
           acc[nt][2 * r] = acc[nt][2 * r + 1] = 0.0f;
         }
+        __syncwarp();
+        #pragma unroll
+        for (int k = 0; k < 8 * CPR / 32; k++) {
+          const int piece = ln + 32 * k, rr = piece / CPR, cc = piece % CPR;
+          if (8 * r + rr < nval)
+            *(uint4*)((char*)(a.out + ((r0 + 8 * r + rr) * a.Ho + o) * D) + 16 * cc) =
+                *(const uint4*)((const char*)(stage + rr * LDS) + 16 * cc);
+        }
+        __syncwarp();
       }
     }
     if (!more) break;
@@ -3800,7 +3833,8 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     cp_async_commit();
     const bf16* Q = sQ + (hh & 1) * TL::TILE;
     // While the tiles arrive: dy and the feature-map part du_q Wq^T (from du_weights_kernel, in dq itself;
-    // each thread reads the words it will write).
+    // each thread reads the words it will write). (Loading the next head's dy fragments at the end of this
+    // one instead: 0.205 -> 0.215 ms, more spills.)
     uint32_t dyf[KT][4];
     frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
     float dqa[NT][4];
@@ -3951,27 +3985,43 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
     __syncthreads();  // slot sl is free for iteration it + 2
   }
   // Out: the window part + the accumulators (dk_acc: du_k Wk^T from du_weights_kernel and the sinks' part;
-  // dv_acc: the linear and the sinks' parts). A row's 16 accumulator words are loaded before any store: the
-  // stores may alias them as far as the compiler knows, and one load-then-store a word serialised 64 global
-  // round trips a thread (ncu: 17 % of the kernel's samples).
+  // dv_acc: the linear and the sinks' parts). The block's dv, dk go through shared memory (the query slots,
+  // free now), so that every thread then reads its accumulator words as 16 independent 16-byte loads, one
+  // round trip, and writes 8 bytes at a time. (A load then a store a fragment word, which the compiler may
+  // not reorder, was 17 % of the kernel's samples; batched a fragment row at a time, still 12 %.)
+  static_assert(2 * 64 * (D + 8) * 4 <= 4 * TL::TILE * 2, "dv, dk fit the query slots");
+  constexpr int LDO = D + 8;  // rows 8 banks apart: a half-warp's 8-byte fragment stores hit distinct banks
+  float* sOut = (float*)(smem_raw + LY::Q);  // [2][64][LDO]: dv, dk
   #pragma unroll
-  for (int r = 0; r < 2; r++) {
-    const int j = j0 + g + 8 * r;
-    if (j >= s.T) continue;
-    const size_t base = kv_index(s, b, j, hk) * D + 2 * t;
-    if (a.dv_out) {
-      float2 x[NT];
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) x[nt] = *(const float2*)&a.dv_acc[base + 8 * nt];
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) *(uint32_t*)&a.dv_out[base + 8 * nt] = pack_bf16(dv[nt][2 * r] + x[nt].x, dv[nt][2 * r + 1] + x[nt].y);
+  for (int nt = 0; nt < NT; nt++)
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int o = (row0 + g + 8 * r) * LDO + 8 * nt + 2 * t;
+      *(float2*)&sOut[o] = make_float2(dv[nt][2 * r], dv[nt][2 * r + 1]);
+      *(float2*)&sOut[64 * LDO + o] = make_float2(dk[nt][2 * r], dk[nt][2 * r + 1]);
     }
-    if (a.dk_out) {
-      float2 x[NT];
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) x[nt] = *(const float2*)&a.dk_acc[base + 8 * nt];
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) *(uint32_t*)&a.dk_out[base + 8 * nt] = pack_bf16(dk[nt][2 * r] + x[nt].x, dk[nt][2 * r + 1] + x[nt].y);
+  __syncthreads();
+  const int rows = rows_in(c);
+  #pragma unroll
+  for (int which = 0; which < 2; which++) {
+    bf16* out = which ? a.dk_out : a.dv_out;
+    if (!out) continue;
+    const float* acc = which ? a.dk_acc : a.dv_acc;
+    const float* so = sOut + which * 64 * LDO;
+    constexpr int PER = 64 * (D / 4) / 128;  // float4 pieces a thread
+    float4 x[PER];
+    #pragma unroll
+    for (int k = 0; k < PER; k++) {
+      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      x[k] = rr < rows ? *(const float4*)&acc[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    #pragma unroll
+    for (int k = 0; k < PER; k++) {
+      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      if (rr >= rows) continue;
+      const float4 w = *(const float4*)&so[rr * LDO + c4];
+      *(uint2*)&out[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] =
+          make_uint2(pack_bf16(w.x + x[k].x, w.y + x[k].y), pack_bf16(w.z + x[k].z, w.w + x[k].w));
     }
   }
 }
@@ -3984,12 +4034,14 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
 // and rows past T zeroed); (B) each warp its 16 d-rows of dv^T (to a shared fp32 tile), then R^T +=
 // dy^T (phi_q / den) of query chunk c+1; (C) sliding: the queries of chunk c+1 at least w ahead,
 // dv += (phi_k (phi_q / den)^T, masked) dy; (D) the tile into the fp32 dv accumulator (atomics: GQA heads).
+// PHI_SAVED (the forward kept the feature maps): phi_k(c) arrives by cp.async in K_c's slot (f16, made bf16
+// in place), and (A) is that conversion (every chunk that needs (A) has a successor, so the forward mapped it).
 struct BwdDv3Layout {
   using TL = Tiles<128>;
   static constexpr size_t K = 0, PQ = K + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2, WK = DY + 2 * TL::TILE * 2,
                           PK = WK + TL::WT * 2, DV = PK + TL::PT * 2, BYTES = DV + 64 * V3_LDN * 4;
 };
-template <bool SLIDING>
+template <bool SLIDING, bool PHI_SAVED>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kernel(FastBwdArgs a) {
   constexpr int D = 128;
   using TL = Tiles<D>;
@@ -4013,15 +4065,21 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
   const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
   const bf16* pqb = a.phiq_in + row_index(s, b, 0, h) * NF;
   auto rows_in = [&](int c) { return max(0, min(CHUNK, s.T - c * CHUNK)); };
-  auto load_iter = [&](int c) {  // K_c, and phi_q / den, dy of query chunk c+1 (zeros if none)
+  const size_t pstride = (size_t)s.H * NF;
+  const unsigned short* pkb = PHI_SAVED ? (const unsigned short*)a.sv.phi_k + row_index(s, b, 0, h) * NF : nullptr;
+  static_assert(TL::TILE == TL::PT, "a phi tile fits a K slot");
+  auto load_iter = [&](int c) {  // K_c (or phi_k(c)), and phi_q / den, dy of query chunk c+1 (zeros if none)
     const int sl = c & 1;
-    load_rows_async<D, V3_THREADS>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    if (PHI_SAVED)
+      load_rows_async<NF, V3_THREADS>((unsigned short*)(sK + sl * TL::TILE), LDP, pkb + (size_t)c * CHUNK * pstride, pstride, 64, rows_in(c));
+    else
+      load_rows_async<D, V3_THREADS>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
     const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;
     load_rows_async<NF, V3_THREADS>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
     load_rows_async<D, V3_THREADS>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
   };
-  load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
+  if (!PHI_SAVED) load_rows_async<64, V3_THREADS>(sWk, TL::LDW, a.Wk + (size_t)h * D * 64, 64, D, D);
   load_iter(c_end - 1);
   cp_async_commit();
   float st[16][4];  // R^T: rows d = 16 warp + g (+8), n-tile j = features 8j + 2t (+1)
@@ -4050,18 +4108,21 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
     cp_async_commit();
 
     // (A) phi_k of this chunk (row groups, warps 0-3)
+    const bf16* PKc = PHI_SAVED ? Kc : sPK;
     if (any) {
-      if (hf == 0) {
+      if (PHI_SAVED) {
+        tile_convert_v3<NF, false>((void*)PKc, LDP, 64);  // the products are bf16 ones, as when recomputed
+      } else if (hf == 0) {
         float ph[16][4];
         feature_map_smem<D>(ph, Kc, row0, sWk);
         const int jr = j0 + row0 + g;
         store_phi<false>(sPK, LDP, row0, ph, jr >= s.sinks && jr < s.T, jr + 8 >= s.sinks && jr + 8 < s.T);
       }
-      __syncthreads();  // sPK complete
+      __syncthreads();  // phi_k complete
       // (B) dv^T = R^T phi_k^T for this warp's d-rows (transposed into sDV: key rows)
       float dvt[8][4];
       if (has_state) {
-        state_times_tile_t<false>(dvt, st, sPK, LDP);
+        state_times_tile_t<false>(dvt, st, PKc, LDP);
       } else {
         #pragma unroll
         for (int n = 0; n < 8; n++) dvt[n][0] = dvt[n][1] = dvt[n][2] = dvt[n][3] = 0.0f;
@@ -4082,7 +4143,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
         #pragma unroll
         for (int k = 0; k < 8; k++) {
           uint32_t pk[4];
-          frag_a(pk, sPK, LDP, row0, 16 * k);
+          frag_a(pk, PKc, LDP, row0, 16 * k);
           #pragma unroll
           for (int np = 0; np < 4; np++) {
             uint32_t bb[4];
@@ -4293,7 +4354,7 @@ template <int D, class OutT>
 inline void launch_du_weights(OutT* out, const bf16* du, const bf16* W, const HybridAttnParams& p, int Ho, int G,
                               cudaStream_t stream) {
   const long long rows = (long long)p.B * p.T;
-  const size_t smem = du_weights_smem(G, D);
+  const size_t smem = du_weights_smem<OutT>(G, D);
   set_max_smem(du_weights_kernel<D, OutT>, smem);
   // Two blocks an SM in one wave (each loads W of its G heads once), the row tiles spread over them.
   const int bx = std::max(1, std::min(ceil_div(rows, 16LL * DUW_WARPS), 2 * sm_count() / Ho));
@@ -4318,8 +4379,9 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
   const bool v3 = uses_v3(p);
   const bool sliding = p.geometry == HYBRID_SLIDING;
-  // Stage 1 after a version-3 forward that kept the feature maps: the state kernels load them.
-  const bool phi_saved = v3 && fused && saved.phi_q && saved.phi_k;
+  // After a version-3 forward that kept the feature maps (stage 1, or a caller that gave them room): the state
+  // kernels load them.
+  const bool phi_saved = v3 && saved.phi_q && saved.phi_k;
   if (v3) {
     auto kq = sliding ? (phi_saved ? fast_backward_query_v3_kernel<true, true> : fast_backward_query_v3_kernel<true, false>)
                       : (phi_saved ? fast_backward_query_v3_kernel<false, true> : fast_backward_query_v3_kernel<false, false>);
@@ -4355,7 +4417,8 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   CUDA_LAUNCH_CHECK();
   mark("bwd: key side", stream);
   if (v3 && input_grads) {
-    auto kv = sliding ? fast_backward_dv_v3_kernel<true> : fast_backward_dv_v3_kernel<false>;
+    auto kv = sliding ? (phi_saved ? fast_backward_dv_v3_kernel<true, true> : fast_backward_dv_v3_kernel<true, false>)
+                      : (phi_saved ? fast_backward_dv_v3_kernel<false, true> : fast_backward_dv_v3_kernel<false, false>);
     set_max_smem(kv, BwdDv3Layout::BYTES);
     kv<<<grid, V3_THREADS, BwdDv3Layout::BYTES, stream>>>(ba);
     CUDA_LAUNCH_CHECK();
@@ -4423,21 +4486,21 @@ inline void hybrid_check_params(const HybridAttnParams& p) {
     fatal("hybrid attention: the tensor-core kernels need d = 64 or 128 and f = 64 (got d=%d f=%d)", p.d, p.f);
 }
 
-inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo) {
+inline size_t hybrid_saved_bytes(const HybridAttnParams& p, bool with_dy, bool with_ylo, bool with_phi) {
   const size_t rows = (size_t)p.B * p.T * p.H;
   size_t off = 0;
   for (int i = 0; i < 5; i++) hybrid_detail::carve(off, rows * 4);
   if (with_dy) hybrid_detail::carve(off, rows * p.d * 2);
   if (with_ylo) hybrid_detail::carve(off, rows * p.d * 2);
   hybrid_detail::carve(off, hybrid_detail::seg_state_floats(p) * 4);
-  if (with_dy && hybrid_detail::keeps_phi(p)) {
+  if ((with_dy || with_phi) && hybrid_detail::keeps_phi(p)) {
     hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
     hybrid_detail::carve(off, rows * hybrid_detail::NF * 2);
     hybrid_detail::carve(off, (size_t)p.B * p.H * hybrid_detail::num_segments(p) * 4);
   }
   return off;
 }
-inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo) {
+inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p, bool with_dy, bool with_ylo, bool with_phi) {
   const size_t rows = (size_t)p.B * p.T * p.H;
   char* c = (char*)base;
   size_t off = 0;
@@ -4451,7 +4514,7 @@ inline HybridAttnSaved hybrid_saved_carve(void* base, const HybridAttnParams& p,
   s.y_lo = with_ylo ? (bf16*)(c + hybrid_detail::carve(off, rows * p.d * 2)) : nullptr;
   const size_t seg = hybrid_detail::seg_state_floats(p);
   s.seg_state = seg ? (float*)(c + hybrid_detail::carve(off, seg * 4)) : nullptr;
-  if (with_dy && hybrid_detail::keeps_phi(p)) {
+  if ((with_dy || with_phi) && hybrid_detail::keeps_phi(p)) {
     s.phi_q = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
     s.phi_k = (__half*)(c + hybrid_detail::carve(off, rows * hybrid_detail::NF * 2));
     s.wgrad_part = (float*)(c + hybrid_detail::carve(off, (size_t)p.B * p.H * hybrid_detail::num_segments(p) * 4));

@@ -229,10 +229,14 @@ double dw_error(const std::vector<float>& got, const Problem& P) {
 }
 
 // Stage 1: forward with the fused loss, backward without dy. Then stage 2: forward (saving y_lo), backward
-// with dy (the reference's bf16 dy) and every gradient.
-std::pair<Errors, Errors> run_gpu(const Problem& P) {
+// with dy (the reference's bf16 dy) and every gradient, twice: with room for the feature maps in `saved`
+// (version 3 keeps them), and without (the backward recomputes them).
+struct GpuErrors {
+  Errors stage1, full, full_recomputed;
+};
+GpuErrors run_gpu(const Problem& P) {
   GpuProblem G(P);
-  Errors s1{}, s2{};
+  Errors s1{}, s2{}, s3{};
   G.poison();
   HybridStage1Loss loss{G.y_true, kGradScale, G.mse};
   hybrid_attention_forward(G.p, G.q, G.k, G.v, G.weights(), G.y, G.saved, G.ws, &loss, 0);
@@ -247,26 +251,32 @@ std::pair<Errors, Errors> run_gpu(const Problem& P) {
   s1.dWk = rel_error(G.grad(G.dWk, G.nW), P.dWk);
   s1.dw = dw_error(G.grad(G.dw, G.p.H), P);
 
-  G.poison();
   std::vector<float> dyf(P.dy.begin(), P.dy.end());
   upload_bf16(G.dy, dyf.data(), G.nq);
-  hybrid_attention_forward(G.p, G.q, G.k, G.v, G.weights(), G.y, G.saved, G.ws, nullptr, 0);
-  HybridAttnGrads g2{G.dWq, G.dWk, G.dw, G.dq, G.dk, G.dv};
-  hybrid_attention_backward(G.p, G.q, G.k, G.v, G.weights(), G.y, G.dy, G.saved, G.ws, g2, 0);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  s2.y = rel_error(download_bf16(G.y, G.nq), P.y);
-  s2.mse = 0;
-  s2.dWq = rel_error(G.grad(G.dWq, G.nW), P.dWq);
-  s2.dWk = rel_error(G.grad(G.dWk, G.nW), P.dWk);
-  s2.dw = dw_error(G.grad(G.dw, G.p.H), P);
-  s2.dq = rel_error(download_bf16(G.dq, G.nq), P.dq);
-  s2.dk = rel_error(download_bf16(G.dk, G.nk), P.dk);
-  s2.dv = rel_error(download_bf16(G.dv, G.nk), P.dv);
-  return {s1, s2};
+  HybridAttnSaved no_maps = G.saved;
+  no_maps.phi_q = nullptr;
+  no_maps.phi_k = nullptr;
+  for (const HybridAttnSaved* sv : {&G.saved, &no_maps}) {
+    G.poison();
+    hybrid_attention_forward(G.p, G.q, G.k, G.v, G.weights(), G.y, *sv, G.ws, nullptr, 0);
+    HybridAttnGrads g2{G.dWq, G.dWk, G.dw, G.dq, G.dk, G.dv};
+    hybrid_attention_backward(G.p, G.q, G.k, G.v, G.weights(), G.y, G.dy, *sv, G.ws, g2, 0);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    Errors& e = sv == &G.saved ? s2 : s3;
+    e.y = rel_error(download_bf16(G.y, G.nq), P.y);
+    e.mse = 0;
+    e.dWq = rel_error(G.grad(G.dWq, G.nW), P.dWq);
+    e.dWk = rel_error(G.grad(G.dWk, G.nW), P.dWk);
+    e.dw = dw_error(G.grad(G.dw, G.p.H), P);
+    e.dq = rel_error(download_bf16(G.dq, G.nq), P.dq);
+    e.dk = rel_error(download_bf16(G.dk, G.nk), P.dk);
+    e.dv = rel_error(download_bf16(G.dv, G.nk), P.dv);
+  }
+  return {s1, s2, s3};
 }
 
-void check(const Problem& P, const Errors& e, bool full) {
-  const std::string n = P.c.name() + (full ? " [full backward]" : " [stage 1]");
+void check(const Problem& P, const Errors& e, bool full, const char* what = nullptr) {
+  const std::string n = P.c.name() + (what ? what : full ? " [full backward]" : " [stage 1]");
   EXPECT_LE(e.y, 2e-3) << n << ": forward";
   if (!full) EXPECT_LE(e.mse, 1e-3) << n << ": mse";
   EXPECT_LE(e.dWq, 1e-2) << n << ": dWq";
@@ -287,9 +297,10 @@ void run_cases(const std::vector<Case>& cases, uint64_t seed) {
   for (size_t i = 0; i < cases.size(); i++) probs.push_back(make_problem(cases[i], seed + i));
   run_reference(probs);
   for (auto& P : probs) {
-    auto [s1, s2] = run_gpu(P);
-    check(P, s1, false);
-    check(P, s2, true);
+    const GpuErrors e = run_gpu(P);
+    check(P, e.stage1, false);
+    check(P, e.full, true);
+    check(P, e.full_recomputed, true, " [full, maps recomputed]");
   }
 }
 
