@@ -5,8 +5,9 @@
 // USE. Stage 1: hybrid_attention_forward(..., &loss) then hybrid_attention_backward(..., y = dy = nullptr):
 // dWq, dWk, dw accumulate; nothing else is computed (a forward with the loss saves only what that backward
 // reads: follow it with no other backward). Stage 2: forward without a loss, then backward with dy
-// and dq/dk/dv set. Buffers: HybridAttnSaved per layer (hybrid_saved_bytes), one scratch workspace for all
-// layers (hybrid_workspace_bytes). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
+// and dq/dk/dv set. Buffers: HybridAttnSaved per layer (hybrid_saved_bytes; with_phi buys a faster stage-2
+// backward for 2 x 256 bytes a row and head), one scratch workspace for all layers (hybrid_workspace_bytes;
+// without input gradients it can be smaller). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
 //
 // THE FUNCTION (per batch b, query head h, kv head h / (H/Hkv); window w = 64):
 //   phi(x) = [softmax(x W), softmax(-x W)] (2f entries, clamped >= 1e-12); per query head, W_q for q, W_k for k
@@ -92,8 +93,9 @@
 // dphi_q = g S^T and dphi_k = V R^T contract over d: dphi^T (features x rows) = S dy^T takes S's C fragments
 // as bf16 A fragments, split hi + lo (B: the row-major dy or V tile by ldmatrix), goes to an fp32 shared
 // tile, and du = phi_backward(phi, dphi) is then formed 4 threads a row (elementwise). z (query side) and r
-// (key side) are double-buffered in shared memory. In stage 1 they load the forward's feature maps instead
-// of recomputing them (PHI_SAVED). 167-196 registers, no spills, ~210 KB of shared memory.
+// (key side) are double-buffered in shared memory. When the forward kept the feature maps (always in stage 1;
+// in stage 2 when `saved` has room) they load them instead of recomputing them (PHI_SAVED). 167-200 registers,
+// no spills, ~210 KB of shared memory.
 // Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k (loading the feature maps
 // when the forward kept them, as in stage 1: HybridAttnSaved with room for them); what they cannot give
 // cheaply runs in kernels of its own. (0) du_weights_kernel: the feature-map parts du_q Wq^T (bf16, into dq)
