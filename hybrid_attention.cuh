@@ -3663,15 +3663,18 @@ struct DuWeightsArgs {
   OutT* out;
   const bf16 *du, *W;
   long long rows;
-  int Ho, G;
+  int Ho, G;        // output heads, input heads per output head
+  int g0, gc;       // this launch sums input heads [g0, g0 + gc) of each group (W of gc heads in shared memory)
+  bool accumulate;  // out += (fp32 only: the later launches of a group split in pieces)
 };
+constexpr int DUW_MAX_HEADS = 8;  // W heads a launch holds in shared memory (8 x 18 KB)
 constexpr int DUW_WARPS = 8;
 // A warp's output staging rows: 8 rows of D + 8 values (rows 4 or 8 banks apart: the fragment stores of a
 // half-warp hit distinct banks).
 template <class OutT>
 constexpr int duw_stage_ld(int D) { return D + 8; }
 template <class OutT>
-inline size_t du_weights_smem(int G, int D) {
+inline size_t du_weights_smem(int G, int D) {  // G: W heads held (at most DUW_MAX_HEADS)
   return (size_t)G * D * (64 + 8) * 2 + (size_t)DUW_WARPS * 8 * duw_stage_ld<OutT>(D) * sizeof(OutT);
 }
 template <int D, class OutT>
@@ -3681,12 +3684,13 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
   constexpr int LDS = duw_stage_ld<OutT>(D), CPR = D * (int)sizeof(OutT) / 16;  // 16-byte pieces a row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sW = (bf16*)smem_raw;  // [G][D][LDW]
-  OutT* stage = (OutT*)(smem_raw + (size_t)a.G * D * LDW * 2) + warp * 8 * LDS;  // this warp's [8][LDS]
-  for (int i = 0; i < a.G; i++)
-    load_rows_async<64, DUW_WARPS * 32>(sW + i * D * LDW, LDW, a.W + (size_t)(o * a.G + i) * D * 64, 64, D, D);
+  OutT* stage = (OutT*)(smem_raw + (size_t)a.gc * D * LDW * 2) + warp * 8 * LDS;  // this warp's [8][LDS]
+  const int h0 = o * a.G + a.g0;  // the launch's first input head of group o
+  for (int i = 0; i < a.gc; i++)
+    load_rows_async<64, DUW_WARPS * 32>(sW + i * D * LDW, LDW, a.W + (size_t)(h0 + i) * D * 64, 64, D, D);
   cp_async_commit();
   const size_t in_stride = (size_t)a.Ho * a.G * 64;
-  const bf16* du = a.du + (size_t)o * a.G * 64;
+  const bf16* du = a.du + (size_t)h0 * 64;
   cp_async_wait<0>();
   __syncthreads();
   // The warp's (16-row tile, head) pairs in order; the next pair's du fragments load while one multiplies.
@@ -3700,7 +3704,7 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
   for (int i = 0;;) {
     long long r1 = r0;
     int i1 = i + 1;
-    if (i1 == a.G) { i1 = 0; r1 += step; }
+    if (i1 == a.gc) { i1 = 0; r1 += step; }
     const bool more = r1 < a.rows;
     if (more) frag_a_global<64>(un, du + r1 * in_stride + i1 * 64, in_stride, 0, rows_at(r1));
     {
@@ -3715,7 +3719,7 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
           mma_bf16(acc[2 * np + 1], uf[kk], bb[2], bb[3]);
         }
     }
-    if (i + 1 == a.G) {  // the tile's sum is complete: out through the staging rows, 16-byte stores
+    if (i + 1 == a.gc) {  // the tile's sum is complete: out through the staging rows, 16-byte stores
       // (the fragments' 4- and 8-byte stores straight to global half-filled their sectors and were 56 % of
       // the samples, ncu)
       const int nval = rows_at(r0);
@@ -3732,9 +3736,15 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
         #pragma unroll
         for (int k = 0; k < 8 * CPR / 32; k++) {
           const int piece = ln + 32 * k, rr = piece / CPR, cc = piece % CPR;
-          if (8 * r + rr < nval)
-            *(uint4*)((char*)(a.out + ((r0 + 8 * r + rr) * a.Ho + o) * D) + 16 * cc) =
-                *(const uint4*)((const char*)(stage + rr * LDS) + 16 * cc);
+          if (8 * r + rr >= nval) continue;
+          uint4* dst = (uint4*)((char*)(a.out + ((r0 + 8 * r + rr) * a.Ho + o) * D) + 16 * cc);
+          uint4 v = *(const uint4*)((const char*)(stage + rr * LDS) + 16 * cc);
+          if (std::is_same<OutT, float>::value && a.accumulate) {
+            const float4 x = *(const float4*)dst;
+            float4& f = *(float4*)&v;
+            f.x += x.x; f.y += x.y; f.z += x.z; f.w += x.w;
+          }
+          *dst = v;
         }
         __syncwarp();
       }
@@ -4356,13 +4366,18 @@ template <int D, class OutT>
 inline void launch_du_weights(OutT* out, const bf16* du, const bf16* W, const HybridAttnParams& p, int Ho, int G,
                               cudaStream_t stream) {
   const long long rows = (long long)p.B * p.T;
-  const size_t smem = du_weights_smem<OutT>(G, D);
-  set_max_smem(du_weights_kernel<D, OutT>, smem);
-  // Two blocks an SM in one wave (each loads W of its G heads once), the row tiles spread over them.
+  // Two blocks an SM in one wave (each loads W of its heads once), the row tiles spread over them. Groups of
+  // more than DUW_MAX_HEADS heads (e.g. 128 query heads on 8 kv heads) go in pieces, the later ones added.
+  if (G > DUW_MAX_HEADS && !std::is_same<OutT, float>::value) fatal("hybrid attention: du_weights pieces need fp32 output");
   const int bx = std::max(1, std::min(ceil_div(rows, 16LL * DUW_WARPS), 2 * sm_count() / Ho));
-  du_weights_kernel<D, OutT><<<dim3((unsigned)bx, Ho), DUW_WARPS * 32, smem, stream>>>(
-      DuWeightsArgs<OutT>{out, du, W, rows, Ho, G});
-  CUDA_LAUNCH_CHECK();
+  for (int g0 = 0; g0 < G; g0 += DUW_MAX_HEADS) {
+    const int gc = std::min(DUW_MAX_HEADS, G - g0);
+    const size_t smem = du_weights_smem<OutT>(gc, D);
+    set_max_smem(du_weights_kernel<D, OutT>, smem);
+    du_weights_kernel<D, OutT><<<dim3((unsigned)bx, Ho), DUW_WARPS * 32, smem, stream>>>(
+        DuWeightsArgs<OutT>{out, du, W, rows, Ho, G, g0, gc, g0 > 0});
+    CUDA_LAUNCH_CHECK();
+  }
 }
 template <int D>
 inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,

@@ -326,6 +326,11 @@ TEST(HybridGpu, MatchesReferenceT100) { run_cases(product(100, 2, 0), 2000); }
 TEST(HybridGpu, MatchesReferenceT1024) { run_cases(product(1024, 1, 5), 3000); }
 // The sink cases at T = 4096 take 32-chunk segments (two of them, prefixes summed in four 8-chunk parts).
 TEST(HybridGpu, MatchesReferenceT4096) { run_cases(product(4096, 1, 32), 4000); }
+// GQA groups larger than the 8 heads whose key maps du_weights_kernel holds at once (Llama 3.1 405B: 128 query
+// heads on 8 kv heads): dk's feature-map part is then summed in pieces.
+TEST(HybridGpu, MatchesReferenceGroup16) {
+  run_cases({{1, 100, 16, 1, 128, 64, HYBRID_TERRACE, 0, 0}, {1, 200, 32, 2, 128, 64, HYBRID_SLIDING, 4, 0}}, 4500);
+}
 
 // d = 128 runs the version-3 kernels above; the version-2 ones stay available (HYBRID_IMPL_TENSOR_V2, the
 // kernel lab's comparison) and must stay correct: the d = 128 cases of T = 1024 on them.
