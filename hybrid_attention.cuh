@@ -3766,7 +3766,7 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
 // From the saved max: the probabilities of the softmax tiles (the sinks from chunk 2 on, chunk c-1, the
 // causal part of chunk c), ds = A (g.v - delta), its row sums (-dm_i, for the max's gradient on the key
 // side, and the window factor's term), and
-// dq = du_q Wq^T (the feature-map part; du_q from the query-side kernel) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
+// dq = du_q Wq^T (the feature-map part, which du_weights_kernel wrote into dq) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
 template <int D>
 struct WinQLayout {
   using TL = Tiles<D>;
@@ -3922,10 +3922,10 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
 
 // ---- full backward, version 3: the window part of dk, dv, and the outputs ----
 // One block of 4 warps per (key chunk c, kv head, b), warp w owning key rows [16w, +16). It loops over the
-// query heads of the GQA group, so dk and dv are summed in registers, not by atomics: per head the window
-// part (query chunks c and c+1, as fast_window_kv_kernel) and the feature-map part du_k Wk^T. Then
-// dk += the sinks' part, dv += the linear part and the sinks' (fp32 accumulators, added earlier by the dv
-// pass and sink_kv_grad_kernel), and both go out as bf16.
+// query heads of the GQA group, so the window parts of dk and dv (query chunks c and c+1, as
+// fast_window_kv_kernel) are summed in registers, not by atomics. Then dk += dk_acc (du_k Wk^T from
+// du_weights_kernel, and the sinks' part), dv += dv_acc (the linear part from the dv pass, and the sinks'),
+// and both go out as bf16.
 template <int D>
 static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBwdArgs a) {
   using TL = Tiles<D>;
