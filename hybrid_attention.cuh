@@ -103,15 +103,16 @@
 // stateless (a block per query chunk and kv head, looping over the GQA group's query heads, which share the
 // K/V tiles; 2 blocks an SM): the window's ds from the saved max, its row sums (-dm_i, the window term),
 // dq = (du_q Wq^T, read from dq) + ds K / sqrt(d) + dm_i k_j* / sqrt(d). (2) fast_backward_dv_v3_kernel:
-// dv = phi_k R contracts over the features, which the key kernel's partition splits across warps, so a second backward walk holds R^T partitioned by head-dim
-// rows (as the forward holds S^T) and forms dv^T = R^T phi_k^T exactly like the forward's numL^T (+ the
-// sliding term), into the fp32 dv accumulator (16-byte atomics over the GQA heads); cost: R is accumulated
-// twice. (3) sink_kv_grad_kernel, then fast_window_kv_v3_kernel: a block per key chunk and kv head loops
-// over the group's query heads, summing the window's dk, dv in registers, adds the accumulators and
-// writes bf16 dk, dv (no atomics, no conversion pass). Its loop runs over (head, query
-// chunk) pairs with two shared-memory slots, so the next pair's q, dy tiles and row statistics (cp.async,
-// den inverted by the thread that copied it) arrive while this one computes: one slot per query chunk, the
-// earlier layout, left every head's loads exposed at 2 blocks an SM (registers: 255 a thread). The dq
+// dv = phi_k R contracts over the features, which the key kernel's partition splits across warps, so a
+// second backward walk holds R^T partitioned by head-dim rows (as the forward holds S^T) and forms
+// dv^T = R^T phi_k^T exactly like the forward's numL^T (+ the sliding term), into the fp32 dv accumulator
+// (16-byte atomics over the GQA heads); cost: R is accumulated twice. (3) sink_kv_grad_kernel, then
+// fast_window_kv_v3_kernel: a block per key chunk and kv head loops over the group's query heads, summing
+// the window's dk, dv in registers, adds the accumulators and writes bf16 dk, dv (no atomics, no conversion
+// pass). Its loop runs over (head, query chunk) pairs with two shared-memory slots, so the next pair's q, dy
+// tiles and row statistics (cp.async, finished by the thread that copied them) arrive while this one
+// computes: one slot per query chunk, the earlier layout, left every head's loads exposed at 2 blocks an SM
+// (registers: 255 a thread). The dq
 // kernel reads the arg max key's row k_{j*} from its shared tiles (j* is a softmax key), not from global
 // memory after the row sums, and prefetches the next head's dy and dq rows into L2; its row statistics come
 // by cp.async with the query tile. (H200, T = 1024: window dq 0.314 -> 0.279 ms, window dk dv 0.460 -> 0.450
@@ -3671,17 +3672,16 @@ constexpr int DUW_MAX_HEADS = 8;  // W heads a launch holds in shared memory (8 
 constexpr int DUW_WARPS = 8;
 // A warp's output staging rows: 8 rows of D + 8 values (rows 4 or 8 banks apart: the fragment stores of a
 // half-warp hit distinct banks).
-template <class OutT>
 constexpr int duw_stage_ld(int D) { return D + 8; }
 template <class OutT>
 inline size_t du_weights_smem(int G, int D) {  // G: W heads held (at most DUW_MAX_HEADS)
-  return (size_t)G * D * (64 + 8) * 2 + (size_t)DUW_WARPS * 8 * duw_stage_ld<OutT>(D) * sizeof(OutT);
+  return (size_t)G * D * (64 + 8) * 2 + (size_t)DUW_WARPS * 8 * duw_stage_ld(D) * sizeof(OutT);
 }
 template <int D, class OutT>
 static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(DuWeightsArgs<OutT> a) {
   constexpr int LDW = Tiles<D>::LDW, NT = D / 8;
   const int o = blockIdx.y, warp = threadIdx.x >> 5, ln = threadIdx.x & 31, g = ln >> 2, t = ln & 3;
-  constexpr int LDS = duw_stage_ld<OutT>(D), CPR = D * (int)sizeof(OutT) / 16;  // 16-byte pieces a row
+  constexpr int LDS = duw_stage_ld(D), CPR = D * (int)sizeof(OutT) / 16;  // 16-byte pieces a row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* sW = (bf16*)smem_raw;  // [G][D][LDW]
   OutT* stage = (OutT*)(smem_raw + (size_t)a.gc * D * LDW * 2) + warp * 8 * LDS;  // this warp's [8][LDS]
@@ -3739,10 +3739,12 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
           if (8 * r + rr >= nval) continue;
           uint4* dst = (uint4*)((char*)(a.out + ((r0 + 8 * r + rr) * a.Ho + o) * D) + 16 * cc);
           uint4 v = *(const uint4*)((const char*)(stage + rr * LDS) + 16 * cc);
-          if (std::is_same<OutT, float>::value && a.accumulate) {
-            const float4 x = *(const float4*)dst;
-            float4& f = *(float4*)&v;
-            f.x += x.x; f.y += x.y; f.z += x.z; f.w += x.w;
+          if constexpr (std::is_same<OutT, float>::value) {
+            if (a.accumulate) {
+              const float4 x = *(const float4*)dst;
+              float4& f = *(float4*)&v;
+              f.x += x.x; f.y += x.y; f.z += x.z; f.w += x.w;
+            }
           }
           *dst = v;
         }
