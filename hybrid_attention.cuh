@@ -3824,6 +3824,10 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
   }
   cp_async_commit();
+  if (a.dv_acc) {  // zero this block's rows of the dv accumulator (the dv pass adds into it next): no memset pass
+    float4* z = (float4*)(a.dv_acc + kv_index(s, b, c * CHUNK, hk) * D);
+    for (int r = tid / (D / 4); r < rows_in(c); r += 128 / (D / 4)) z[(size_t)r * s.Hkv * (D / 4) + tid % (D / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   const int row0 = 16 * warp, i0 = c * CHUNK + row0;
   const bool want_dq = a.dq != nullptr;
   bool valid[2];
@@ -4462,14 +4466,16 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     CUDA_LAUNCH_CHECK();
     mark("bwd: window dk dv", stream);
   }
-  const long long BT = (long long)p.B * p.T;
-  WeightGradArgs wa{ws.dW_part, q, k, ws.du_q, ws.du_k, s, (int)((BT + WG_SPLITS * 64 - 1) / (WG_SPLITS * 64) * 64)};
-  set_max_smem(weight_grad_kernel<D>, WgLayout<D>::BYTES);
-  weight_grad_kernel<D><<<dim3(WG_SPLITS, p.H, 2), 128, WgLayout<D>::BYTES, stream>>>(wa);
-  CUDA_LAUNCH_CHECK();
-  const size_t nW = (size_t)p.H * p.d * p.f;
-  weight_grad_reduce_kernel<<<ceil_div(2 * nW, 256), 256, 0, stream>>>(grads.dWq, grads.dWk, ws.dW_part, nW, WG_SPLITS);
-  CUDA_LAUNCH_CHECK();
+  if (grads.dWq) {  // (stage 2 freezes the maps: no weight gradients)
+    const long long BT = (long long)p.B * p.T;
+    WeightGradArgs wa{ws.dW_part, q, k, ws.du_q, ws.du_k, s, (int)((BT + WG_SPLITS * 64 - 1) / (WG_SPLITS * 64) * 64)};
+    set_max_smem(weight_grad_kernel<D>, WgLayout<D>::BYTES);
+    weight_grad_kernel<D><<<dim3(WG_SPLITS, p.H, 2), 128, WgLayout<D>::BYTES, stream>>>(wa);
+    CUDA_LAUNCH_CHECK();
+    const size_t nW = (size_t)p.H * p.d * p.f;
+    weight_grad_reduce_kernel<<<ceil_div(2 * nW, 256), 256, 0, stream>>>(grads.dWq, grads.dWk, ws.dW_part, nW, WG_SPLITS);
+    CUDA_LAUNCH_CHECK();
+  }
   mark("bwd: weight grads", stream);
 }
 
@@ -4593,8 +4599,9 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
                                       cudaStream_t stream) {
   using namespace hybrid_detail;
   hybrid_check_params(p);
-  if (!grads.dWq || !grads.dWk) fatal("hybrid attention backward: dWq and dWk are required");
+  if (!grads.dWq != !grads.dWk) fatal("hybrid attention backward: give both dWq and dWk, or neither");
   const bool fused = dy == nullptr;
+  if (fused && !grads.dWq) fatal("hybrid attention backward: the stage-1 backward needs dWq and dWk");
   if (fused && !saved.dy) fatal("hybrid attention backward: no dy given and the forward did not fuse the stage-1 loss");
   if (!fused && !y) fatal("hybrid attention backward: y (the forward output) is required with dy");
   const Shape s = make_shape(p);
@@ -4611,8 +4618,8 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
   // Version 3 (fast path, d = 128) writes dk, dv from its window kernel; dk_acc then starts as du_k Wk^T
   // (written, not added, by du_weights_kernel).
   const bool v3_out = hybrid_uses_fast_path(p) && uses_v3(p);
-  if (input_grads) {
-    if (!v3_out) CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
+  if (input_grads && !v3_out) {  // (version 3: the window dq kernel zeroes dv_acc, tile by tile)
+    CUDA_CHECK(cudaMemsetAsync(ws.dk_acc, 0, kv * 4, stream));
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
   }
   if (hybrid_uses_fast_path(p)) {
@@ -4640,11 +4647,13 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     a.du = ws.du_k;
     generic_backward_key_kernel<<<grid, 128, 0, stream>>>(a);
     CUDA_LAUNCH_CHECK();
-    const size_t nW = (size_t)p.H * p.d * p.f;
-    generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWq, q, ws.du_q, s, p.H);
-    CUDA_LAUNCH_CHECK();
-    generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWk, k, ws.du_k, s, p.Hkv);
-    CUDA_LAUNCH_CHECK();
+    if (grads.dWq) {
+      const size_t nW = (size_t)p.H * p.d * p.f;
+      generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWq, q, ws.du_q, s, p.H);
+      CUDA_LAUNCH_CHECK();
+      generic_weight_grad_kernel<<<ceil_div(nW, 128), 128, 0, stream>>>(grads.dWk, k, ws.du_k, s, p.Hkv);
+      CUDA_LAUNCH_CHECK();
+    }
   }
   if (grads.dw && fused && saved.wgrad_part) {  // a version-3 stage-1 forward summed the window terms per block
     window_grad_part_kernel<<<1, 256, 0, stream>>>(grads.dw, saved.wgrad_part, wts.w, p.B, p.H, num_segments(p));

@@ -94,8 +94,15 @@ struct Problem {
     HybridAttnGrads g{dWq, dWk, dw, dq, dk, dv};
     hybrid_attention_backward(p, q, k, v, wts(), y, dy, saved, ws, g, 0);
   }
+  // Stage 2's backward: the maps and window factors are frozen, so only dq, dk, dv; without dw, y_lo (which
+  // only sharpens dw) is not needed either.
+  void backward_input_grads() {  // after forward(false) with y_lo dropped
+    HybridAttnGrads g{nullptr, nullptr, nullptr, dq, dk, dv};
+    hybrid_attention_backward(p, q, k, v, wts(), y, dy, saved, ws, g, 0);
+  }
   // `saved` without room for the feature maps: the full backward then recomputes them (version 3)
   void drop_maps() { saved.phi_q = nullptr; saved.phi_k = nullptr; }
+  void drop_ylo() { saved.y_lo = nullptr; }
 };
 
 // ---- validation against the fp64 reference ----
@@ -241,6 +248,16 @@ void benchmark(int version, int T) {
        bytes_forward(p, true) + bytes_backward(p, false));
   line("fwd+bwd full", fwd + bwd2, flops_forward(p) + flops_backward(p, true),
        bytes_forward(p, false) + bytes_backward(p, true));
+  if (version == 3) {  // stage 2's pass: input gradients only (maps frozen), no y_lo
+    HybridAttnSaved keep = P.saved;
+    P.drop_ylo();
+    const float fwd_i = time_ms([&] { P.forward(false); }, reps);
+    P.forward(false);
+    const float bwd_i = time_ms([&] { P.backward_input_grads(); }, reps);
+    line("fwd+bwd input grads only", fwd_i + bwd_i, flops_forward(p) + flops_backward(p, true),
+         bytes_forward(p, false) + bytes_backward(p, true));
+    P.saved = keep;
+  }
   if (version == 3) {  // the same without room for the feature maps in `saved`
     P.drop_maps();
     const float fwd_r = time_ms([&] { P.forward(false); }, reps);
