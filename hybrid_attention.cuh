@@ -5,7 +5,8 @@
 // USE. Stage 1: hybrid_attention_forward(..., &loss) then hybrid_attention_backward(..., y = dy = nullptr):
 // dWq, dWk, dw accumulate; nothing else is computed (a forward with the loss saves only what that backward
 // reads: follow it with no other backward). Stage 2: forward without a loss, then backward with dy
-// and dq/dk/dv set. Buffers: HybridAttnSaved per layer (hybrid_saved_bytes; with_phi buys a faster stage-2
+// and dq/dk/dv set; the maps and window factors are frozen there, so leave dWq, dWk, dw null (no weight-gradient
+// pass) and give `saved` no y_lo (it only sharpens dw). Buffers: HybridAttnSaved per layer (hybrid_saved_bytes; with_phi buys a faster stage-2
 // backward for 2 x 256 bytes a row and head), one scratch workspace for all layers (hybrid_workspace_bytes;
 // without input gradients it can be smaller). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
 //
@@ -97,7 +98,8 @@
 // in stage 2 when `saved` has room) they load them instead of recomputing them (PHI_SAVED). 167-200 registers,
 // no spills, ~210 KB of shared memory.
 // Full backward, version 3 (d = 128): the same two state kernels give du_q and du_k (loading the feature maps
-// when the forward kept them, as in stage 1: HybridAttnSaved with room for them); what they cannot give
+// when the forward kept them, as in stage 1: HybridAttnSaved with room for them; the query kernel then also
+// forms delta from the y tiles, in the W tiles' room, so no delta pass runs first); what they cannot give
 // cheaply runs in kernels of its own. (0) du_weights_kernel: the feature-map parts du_q Wq^T (bf16, into dq)
 // and du_k Wk^T summed over the GQA group (fp32, into dk_acc), W in shared memory. (1) fast_window_q_kernel,
 // stateless (a block per query chunk and kv head, looping over the GQA group's query heads, which share the
@@ -1919,6 +1921,7 @@ struct FastBwdArgs {
   Shape s;
   int seg_chunks;
   bf16 *dk_out, *dv_out;  // version 3: the window dk / dv kernel writes the outputs
+  const bf16 *y, *y_lo;   // version 3 query kernel with the saved maps: delta from these (null: delta given)
 };
 template <int D>
 struct BwdQLayout {
@@ -3267,9 +3270,13 @@ struct BwdQ3Layout {
                           WQ = DY + 2 * TL::TILE * 2, WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2,
                           DP = PQ + TL::PT * 2, Z = DP + 64 * V3_LDN * 4, INV = Z + 2 * NF * 4, DEL = INV + 2 * 64 * 4,
                           BYTES = DEL + 2 * 64 * 4;
+  // PHI_SAVED: no W tiles; their room holds the y and y_lo tiles of the chunk when the kernel forms delta.
+  static constexpr size_t Y = WQ, YLO = Y + TL::TILE * 2;
+  static_assert(2 * TL::TILE <= 2 * TL::WT, "y and y_lo fit where Wq and Wk would be");
 };
-template <bool SLIDING, bool PHI_SAVED>
+template <bool SLIDING, bool PHI_SAVED, bool OWN_DELTA = false>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_kernel(FastBwdArgs a) {
+  static_assert(PHI_SAVED || !OWN_DELTA, "delta is formed only with the saved maps (the W tiles' room)");
   constexpr int D = 128;
   using TL = Tiles<D>;
   using LY = BwdQ3Layout;
@@ -3291,6 +3298,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   float* sZ = (float*)(smem_raw + LY::Z);    // [2][128]: z before chunk c (c & 1), and after
   float* sInv = (float*)(smem_raw + LY::INV);  // [2][64] 1 / den of the chunk's query rows (slot c & 1)
   float* sDel = (float*)(smem_raw + LY::DEL);  // [2][64] delta
+  bf16* sY = (bf16*)(smem_raw + LY::Y);        // PHI_SAVED with a.y: y_c and y_lo_c (one slot each)
+  bf16* sYlo = (bf16*)(smem_raw + LY::YLO);
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
@@ -3298,19 +3307,25 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   // and stored after chunk c's work. Loaded where they are used, behind the block's cp.async copies, they
   // waited ~2 us a chunk with every warp at the next barrier (H200, T = 1024, stage 1: query side 0.252 ms,
   // 0.177 with the loads knocked out).
+  // OWN_DELTA (the full backward with the saved maps): delta_i = dy_i . y_i / den_i is formed here, in (A),
+  // from the y and y_lo tiles, and written for the later kernels, instead of by a pass of its own before this
+  // kernel. H200, T = 1024: that pass took 0.060 ms (with y_lo; 0.042 without), this kernel 0.157 -> 0.191
+  // (knock-outs: the y tiles' loads and the sums cost about half each), full fwd + bwd 1.443 -> 1.420-1.439.
+  // Its own instantiation, so that stage 1's kernel stays as it was.
+  constexpr bool own_delta = OWN_DELTA;
   float next_den = INFINITY, next_del = 0.0f;
   auto load_stats = [&](int c) {
     if (tid < 64) {
       const bool ok = c * CHUNK + tid < s.T;
       const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
       next_den = ok ? a.sv.row_den[ri] : INFINITY;  // 1 / inf: rows past T get 0
-      next_del = ok ? a.sv.row_delta[ri] : 0.0f;
+      next_del = ok && !own_delta ? a.sv.row_delta[ri] : 0.0f;
     }
   };
   auto store_stats = [&](int c) {
     if (tid < 64) {
       sInv[(c & 1) * 64 + tid] = 1.0f / next_den;
-      sDel[(c & 1) * 64 + tid] = next_del;
+      if (!own_delta) sDel[(c & 1) * 64 + tid] = next_del;
     }
   };
   const bf16* qb = a.q + row_index(s, b, 0, h) * D;
@@ -3318,6 +3333,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   const bf16* dyb = a.dy + row_index(s, b, 0, h) * D;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
+  auto load_y = [&](int c) {
+    const size_t o = (size_t)c * CHUNK * qstride;
+    load_rows_async<D, V3_THREADS>(sY, LDT, a.y + row_index(s, b, 0, h) * D + o, qstride, 64, rows_in(c));
+    if (a.y_lo) load_rows_async<D, V3_THREADS>(sYlo, LDT, a.y_lo + row_index(s, b, 0, h) * D + o, qstride, 64, rows_in(c));
+  };
   // Saved feature maps: phi_q(c) in slot c & 1 of (sPQ, sQ), phi_k(c-1) in slot c & 1 of (sPK, sK).
   const size_t pstride = (size_t)s.H * NF;
   const unsigned short* pqb = PHI_SAVED ? (const unsigned short*)a.sv.phi_q + row_index(s, b, 0, h) * NF : nullptr;
@@ -3341,6 +3361,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   }
   load_stats(c_begin);
   load_for(c_begin);
+  if (own_delta) load_y(c_begin);
   cp_async_commit();
   store_stats(c_begin);
   float st[16][4];  // S: rows = features 16 warp + g (+8), n-tile j = d columns 8j + 2t (+1)
@@ -3380,7 +3401,40 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
     // (A) feature maps
     if (PHI_SAVED) {
       if (has_prev) tile_convert_v3<NF, false>((void*)PKc, LDP, 64);  // the products with V and dy are in bf16
-      __syncthreads();  // phi_k in bf16
+      if (own_delta) {  // delta of the chunk's rows: 8 threads a row (16-byte pieces p, p + 8: conflict-free), 2 passes
+        const int p = tid & 7;
+        #pragma unroll
+        for (int pass = 0; pass < 2; pass++) {
+          const int r = (tid >> 3) + 32 * pass;
+          float acc[2] = {0.0f, 0.0f};
+          #pragma unroll
+          for (int i = 0; i < 2; i++) {
+            const int col = 8 * (p + 8 * i);
+            const uint4 dv4 = *(const uint4*)(DYc + r * LDT + col), yv4 = *(const uint4*)(sY + r * LDT + col);
+            const uint4 lv4 = a.y_lo ? *(const uint4*)(sYlo + r * LDT + col) : make_uint4(0u, 0u, 0u, 0u);
+            const uint32_t* dw = (const uint32_t*)&dv4;
+            const uint32_t* yw = (const uint32_t*)&yv4;
+            const uint32_t* lw = (const uint32_t*)&lv4;
+            #pragma unroll
+            for (int j = 0; j < 4; j++)
+              acc[i] += bf16_lo(dw[j]) * (bf16_lo(yw[j]) + bf16_lo(lw[j])) + bf16_hi(dw[j]) * (bf16_hi(yw[j]) + bf16_hi(lw[j]));
+          }
+          float sum = acc[0] + acc[1];
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+          if (p == 0) {
+            const float dl = sum * sInvc[r];
+            sDel[(c & 1) * 64 + r] = dl;
+            if (i0 + r < s.T) a.sv.row_delta[row_index(s, b, i0 + r, h)] = dl;
+          }
+        }
+      }
+      __syncthreads();  // phi_k in bf16; delta in
+      if (own_delta && c + 1 < c_end) {  // the y tiles were read
+        load_y(c + 1);
+        cp_async_commit();
+      }
       for (int idx = tid; idx < 64 * (NF / 8); idx += V3_THREADS) {  // phi_q / den for the key side, 16 bytes a step
         const int r = idx / (NF / 8), cc = idx % (NF / 8);
         if (i0 + r >= s.T) continue;
@@ -4306,6 +4360,10 @@ inline void mark(const char* stage, cudaStream_t stream) {
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 // Whether a stage-1 forward keeps its feature maps for the backward (version 3; 2 x 256 bytes a row and head).
 inline bool keeps_phi(const HybridAttnParams& p) { return hybrid_uses_fast_path(p) && uses_v3(p); }
+// The full backward after a version-3 forward that kept the feature maps: its query kernel forms delta.
+inline bool query_forms_delta(const HybridAttnParams& p, const HybridAttnSaved& saved, bool fused) {
+  return !fused && keeps_phi(p) && saved.phi_q && saved.phi_k;
+}
 template <int D>
 inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape& s, const bf16* x, const bf16* y, const bf16* W,
                               const HybridAttnSaved& saved, const Workspace& ws, float* segS, float* segZ, cudaStream_t stream) {
@@ -4387,8 +4445,8 @@ inline void launch_du_weights(OutT* out, const bf16* du, const bf16* W, const Hy
 }
 template <int D>
 inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
-                            const HybridAttnWeights& wts, const bf16* dy, const HybridAttnSaved& saved, const Workspace& ws,
-                            const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
+                            const HybridAttnWeights& wts, const bf16* y, const bf16* dy, const HybridAttnSaved& saved,
+                            const Workspace& ws, const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
   const bool input_grads = grads.dq || grads.dk || grads.dv;
   const dim3 grid(num_segments(p), p.H, p.B);
   float *segS, *segZ;
@@ -4405,9 +4463,16 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   // After a version-3 forward that kept the feature maps (stage 1, or a caller that gave them room): the state
   // kernels load them.
   const bool phi_saved = v3 && saved.phi_q && saved.phi_k;
+  if (query_forms_delta(p, saved, fused)) {
+    ba.y = y;
+    ba.y_lo = saved.y_lo;
+  }
   if (v3) {
-    auto kq = sliding ? (phi_saved ? fast_backward_query_v3_kernel<true, true> : fast_backward_query_v3_kernel<true, false>)
-                      : (phi_saved ? fast_backward_query_v3_kernel<false, true> : fast_backward_query_v3_kernel<false, false>);
+    const bool own_delta = ba.y != nullptr;
+    auto kq = sliding ? (phi_saved ? (own_delta ? fast_backward_query_v3_kernel<true, true, true> : fast_backward_query_v3_kernel<true, true>)
+                                   : fast_backward_query_v3_kernel<true, false>)
+                      : (phi_saved ? (own_delta ? fast_backward_query_v3_kernel<false, true, true> : fast_backward_query_v3_kernel<false, true>)
+                                   : fast_backward_query_v3_kernel<false, false>);
     set_max_smem(kq, BwdQ3Layout::BYTES);
     kq<<<grid, V3_THREADS, BwdQ3Layout::BYTES, stream>>>(ba);
   } else {
@@ -4486,10 +4551,10 @@ inline void fast_forward(const HybridAttnParams& p, const Shape& s, const bf16* 
   else fast_forward_d<64>(p, s, q, k, v, wts, y, saved, ws, loss, stream);
 }
 inline void fast_backward(const HybridAttnParams& p, const Shape& s, const bf16* q, const bf16* k, const bf16* v,
-                          const HybridAttnWeights& wts, const bf16* dy, const HybridAttnSaved& saved, const Workspace& ws,
-                          const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
-  if (p.d == 128) fast_backward_d<128>(p, s, q, k, v, wts, dy, saved, ws, grads, fused, stream);
-  else fast_backward_d<64>(p, s, q, k, v, wts, dy, saved, ws, grads, fused, stream);
+                          const HybridAttnWeights& wts, const bf16* y, const bf16* dy, const HybridAttnSaved& saved,
+                          const Workspace& ws, const HybridAttnGrads& grads, bool fused, cudaStream_t stream) {
+  if (p.d == 128) fast_backward_d<128>(p, s, q, k, v, wts, y, dy, saved, ws, grads, fused, stream);
+  else fast_backward_d<64>(p, s, q, k, v, wts, y, dy, saved, ws, grads, fused, stream);
 }
 
 }  // namespace hybrid_detail
@@ -4610,7 +4675,7 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
   Workspace ws = workspace_layout(workspace, p, nullptr, input_grads);
   const size_t rows = (size_t)p.B * p.T * p.H, kv = (size_t)p.B * p.T * p.Hkv * p.d;
   const bf16* g = fused ? saved.dy : dy;
-  if (!fused) {
+  if (!fused && !query_forms_delta(p, saved, fused)) {
     delta_kernel<<<ceil_div(rows, 8), 256, 0, stream>>>(saved.row_delta, dy, y, saved.y_lo, saved.row_den, rows, p.d);
     CUDA_LAUNCH_CHECK();
   }
@@ -4623,7 +4688,7 @@ inline void hybrid_attention_backward(const HybridAttnParams& p, const bf16* q, 
     CUDA_CHECK(cudaMemsetAsync(ws.dv_acc, 0, kv * 4, stream));
   }
   if (hybrid_uses_fast_path(p)) {
-    fast_backward(p, s, q, k, v, wts, g, saved, ws, grads, fused, stream);
+    fast_backward(p, s, q, k, v, wts, y, g, saved, ws, grads, fused, stream);
   } else {
     const int F2 = 2 * p.f;
     const dim3 grid(s.NC, p.H, p.B);
