@@ -5,10 +5,10 @@
 // USE. Stage 1: hybrid_attention_forward(..., &loss) then hybrid_attention_backward(..., y = dy = nullptr):
 // dWq, dWk, dw accumulate; nothing else is computed (a forward with the loss saves only what that backward
 // reads: follow it with no other backward). Stage 2: forward without a loss, then backward with dy
-// and dq/dk/dv set; the maps and window factors are frozen there, so leave dWq, dWk, dw null (no weight-gradient
-// pass) and give `saved` no y_lo (it only sharpens dw). Buffers: HybridAttnSaved per layer (hybrid_saved_bytes; with_phi buys a faster stage-2
-// backward for 2 x 256 bytes a row and head), one scratch workspace for all layers (hybrid_workspace_bytes;
-// without input gradients it can be smaller). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
+// and dq/dk/dv set; the maps and window factors are frozen there, so leave dWq, dWk, dw null (no
+// weight-gradient pass) and give `saved` no y_lo (it only sharpens dw). Buffers: HybridAttnSaved per layer
+// (hybrid_saved_bytes; with_phi buys a faster stage-2 backward for 2 x 256 bytes a row and head), one
+// scratch workspace for all layers (hybrid_workspace_bytes; without input gradients it can be smaller). Layouts as everywhere: q, y (B, T, H, d); k, v (B, T, Hkv, d).
 //
 // THE FUNCTION (per batch b, query head h, kv head h / (H/Hkv); window w = 64):
 //   phi(x) = [softmax(x W), softmax(-x W)] (2f entries, clamped >= 1e-12); per query head, W_q for q, W_k for k

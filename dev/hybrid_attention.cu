@@ -191,9 +191,9 @@ double flops_forward(const HybridAttnParams& p) {
   const double chunks = (double)p.B * p.H * ceil_div(p.T, 64), d = p.d;
   return chunks * (2 * 2 * 64 * d * 64 + 4 * 2 * 64 * 64 * d + 2 * 64 * 128 * d + 2 * 128 * 64 * d);
 }
-double flops_backward(const HybridAttnParams& p, bool full) {
+double flops_backward(const HybridAttnParams& p, bool full, bool weight_grads = true) {  // stage 2: no dW
   const double chunks = (double)p.B * p.H * ceil_div(p.T, 64), d = p.d;
-  double f = 3 * 2 * 64 * d * 64 + 2 * 2 * 64 * d * 128 + 2 * 2 * 128 * 64 * d + 2 * 2 * 64 * d * 64;
+  double f = 3 * 2 * 64 * d * 64 + 2 * 2 * 64 * d * 128 + 2 * 2 * 128 * 64 * d + (weight_grads ? 2 * 2 * 64 * d * 64 : 0);
   if (full) f += 14 * 2 * 64 * 64 * d + 2 * 2 * 64 * 64 * d + 2 * 64 * 128 * d;
   return chunks * f;
 }
@@ -248,23 +248,20 @@ void benchmark(int version, int T) {
        bytes_forward(p, true) + bytes_backward(p, false));
   line("fwd+bwd full", fwd + bwd2, flops_forward(p) + flops_backward(p, true),
        bytes_forward(p, false) + bytes_backward(p, true));
-  if (version == 3) {  // stage 2's pass: input gradients only (maps frozen), no y_lo
-    HybridAttnSaved keep = P.saved;
-    P.drop_ylo();
-    const float fwd_i = time_ms([&] { P.forward(false); }, reps);
+  // A variant of the full pass: forward (no loss) then `backward`, with `saved` as the variant leaves it.
+  auto full_variant = [&](const char* what, auto backward, bool weight_grads) {
+    const float f = time_ms([&] { P.forward(false); }, reps);
     P.forward(false);
-    const float bwd_i = time_ms([&] { P.backward_input_grads(); }, reps);
-    line("fwd+bwd input grads only", fwd_i + bwd_i, flops_forward(p) + flops_backward(p, true),
-         bytes_forward(p, false) + bytes_backward(p, true));
+    const float b = time_ms(backward, reps);
+    line(what, f + b, flops_forward(p) + flops_backward(p, true, weight_grads), bytes_forward(p, false) + bytes_backward(p, true));
+  };
+  if (version == 3) {
+    const HybridAttnSaved keep = P.saved;
+    P.drop_ylo();  // stage 2's pass: input gradients only (maps and window factors frozen), no y_lo
+    full_variant("fwd+bwd input grads only", [&] { P.backward_input_grads(); }, false);
     P.saved = keep;
-  }
-  if (version == 3) {  // the same without room for the feature maps in `saved`
-    P.drop_maps();
-    const float fwd_r = time_ms([&] { P.forward(false); }, reps);
-    P.forward(false);
-    const float bwd_r = time_ms([&] { P.backward_full(); }, reps);
-    line("fwd+bwd full, maps recomputed", fwd_r + bwd_r, flops_forward(p) + flops_backward(p, true),
-         bytes_forward(p, false) + bytes_backward(p, true));
+    P.drop_maps();  // the full pass without room for the feature maps in `saved`
+    full_variant("fwd+bwd full, maps recomputed", [&] { P.backward_full(); }, true);
   }
   printf("v%d T=%-6d peak memory %.2f GiB (workspace %.1f MiB, saved %.1f MiB; without dy, y_lo and the maps %.1f)\n",
          version, T, peak_memory_gib(), hybrid_workspace_bytes(p) / 1048576.0, hybrid_saved_bytes(p, true, true) / 1048576.0,
