@@ -1779,14 +1779,16 @@ struct SegSumArgs {
 // (double buffers): waiting for each chunk's tiles right after asking for them left these passes at a third
 // of the forward's time.
 constexpr int SEG_THREADS = 256;
+// The reverse pass (!KEYS) reads no W and forms no feature maps: its blocks take only the part before W, and two
+// fit an SM (registers capped at 128 for it).
 template <int D>
 struct SegLayout {
   using TL = Tiles<D>;
-  static constexpr size_t X = 0, Y = X + 2 * TL::PT * 2, W = Y + 2 * TL::TILE * 2, PHI = W + TL::WT * 2,
-                          Z = PHI + 2 * TL::PT * 2, SC = Z + NF * 4, BYTES = SC + 2 * 64 * 4;
+  static constexpr size_t X = 0, Y = X + 2 * TL::PT * 2, Z = Y + 2 * TL::TILE * 2, SC = Z + NF * 4, W = SC + 2 * 64 * 4,
+                          PHI = W + TL::WT * 2, BYTES = PHI + 2 * TL::PT * 2, BYTES_QUERIES = W;
 };
 template <int D, bool KEYS>
-static __global__ void __launch_bounds__(SEG_THREADS, 1) segment_sum_kernel(SegSumArgs a) {
+static __global__ void __launch_bounds__(SEG_THREADS, KEYS ? 1 : 2) segment_sum_kernel(SegSumArgs a) {
   using TL = Tiles<D>;
   using LY = SegLayout<D>;
   const Shape& s = a.s;
@@ -4381,8 +4383,8 @@ inline void fast_segment_sums(bool keys, const HybridAttnParams& p, const Shape&
     CUDA_LAUNCH_CHECK();
     segment_scan_kernel<true><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   } else {
-    set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES);
-    segment_sum_kernel<D, false><<<grid, SEG_THREADS, SegLayout<D>::BYTES, stream>>>(sa);
+    set_max_smem(segment_sum_kernel<D, false>, SegLayout<D>::BYTES_QUERIES);
+    segment_sum_kernel<D, false><<<grid, SEG_THREADS, SegLayout<D>::BYTES_QUERIES, stream>>>(sa);
     CUDA_LAUNCH_CHECK();
     segment_scan_kernel<false><<<scan_blocks, 256, 0, stream>>>(segS, segZ, ws.subS, ws.subZ, p.B * p.H, nseg, nsub, split, D);
   }
