@@ -417,4 +417,14 @@ TEST(HybridGpu, BadInputIsOneLineError) {
   p = HybridAttnParams();
   p.sinks = 17;
   EXPECT_EXIT(hybrid_check_params(p), ::testing::ExitedWithCode(1), "error: hybrid attention: 17 sinks not in 0..16");
+  // Weight gradients: both or neither (stage 2 asks for none), and stage 1 (no dy) needs them.
+  p = HybridAttnParams();
+  float dummy = 0.0f;
+  const HybridAttnGrads only_q{&dummy, nullptr, nullptr, nullptr, nullptr, nullptr}, none{};
+  EXPECT_EXIT(hybrid_attention_backward(p, nullptr, nullptr, nullptr, HybridAttnWeights{}, nullptr, nullptr, HybridAttnSaved{},
+                                        nullptr, only_q, 0),
+              ::testing::ExitedWithCode(1), "error: hybrid attention backward: give both dWq and dWk, or neither");
+  EXPECT_EXIT(hybrid_attention_backward(p, nullptr, nullptr, nullptr, HybridAttnWeights{}, nullptr, nullptr, HybridAttnSaved{},
+                                        nullptr, none, 0),
+              ::testing::ExitedWithCode(1), "error: hybrid attention backward: the stage-1 backward needs dWq and dWk");
 }
