@@ -344,6 +344,10 @@ __device__ __forceinline__ uint32_t pack_f16(float lo, float hi) {
 }
 __device__ __forceinline__ float bf16_lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+// delta's terms for a bf16 pair: dy . (y + y_lo), y_lo the output's rounding residual (0 when not kept).
+__device__ __forceinline__ float dy_dot_y2(uint32_t dy, uint32_t y, uint32_t y_lo) {
+  return bf16_lo(dy) * (bf16_lo(y) + bf16_lo(y_lo)) + bf16_hi(dy) * (bf16_hi(y) + bf16_hi(y_lo));
+}
 __device__ __forceinline__ float f16_bits_to_float(unsigned short bits) {
   __half_raw r;
   r.x = bits;
@@ -413,8 +417,7 @@ static __global__ void delta_kernel(float* __restrict__ delta, const bf16* __res
     const size_t o = row * 128 + 4 * lane;
     const uint2 a = *(const uint2*)(dy + o), b = *(const uint2*)(y + o);
     const uint2 lo = y_lo ? *(const uint2*)(y_lo + o) : make_uint2(0u, 0u);
-    acc = bf16_lo(a.x) * (bf16_lo(b.x) + bf16_lo(lo.x)) + bf16_hi(a.x) * (bf16_hi(b.x) + bf16_hi(lo.x)) +
-          bf16_lo(a.y) * (bf16_lo(b.y) + bf16_lo(lo.y)) + bf16_hi(a.y) * (bf16_hi(b.y) + bf16_hi(lo.y));
+    acc = dy_dot_y2(a.x, b.x, lo.x) + dy_dot_y2(a.y, b.y, lo.y);
     acc = warp_sum(acc);
     if (lane == 0) delta[row] = acc / den[row];
     return;
@@ -2709,6 +2712,18 @@ constexpr int V3_THREADS = 256;
 constexpr int V3_LDN = 128 + 4;  // row stride (floats) of a 64 x 128 fp32 tile: conflict-free for the
                                  // transposed scalar stores (rows 2t, cols g) and the float2 row reads
 
+// A chunk's 64 rows of 128 16-bit values, shared (row stride ld) -> global (row r at dst + r * stride), rows
+// at positions pos0 + r >= T skipped. Thread tid copies the 16-byte column piece tid % 16 of rows tid / 16 + 16 k,
+// so its addresses are a base and a constant step (index arithmetic a step cost the forward ~4 %).
+__device__ __forceinline__ void store_rows_v3(unsigned short* dst, size_t stride, const unsigned short* src, int ld, int pos0, int T) {
+  static_assert(V3_THREADS == 256, "16 pieces a row, 16 rows a pass");
+  const int cc = threadIdx.x & 15, r0 = threadIdx.x >> 4;
+  dst += r0 * stride + 8 * cc;
+  src += r0 * ld + 8 * cc;
+  #pragma unroll
+  for (int k = 0; k < 4; k++)
+    if (pos0 + r0 + 16 * k < T) *(uint4*)(dst + 16 * k * stride) = *(const uint4*)(src + 16 * k * ld);
+}
 // bf16 -> f16 (TO_F16) or f16 -> bf16, in place, by all 256 threads.
 template <int COLS, bool TO_F16>
 __device__ __forceinline__ void tile_convert_v3(void* tile, int ld, int nrows) {
@@ -2995,21 +3010,15 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       }
     }
     __syncthreads();  // phi tiles, sLL, V_c (f16)
-    if (a.sv.phi_q) {  // the feature maps for the backward: phi_q of chunk c, phi_k of chunk c-1,
-      // 16 bytes a step; thread tid copies 16-byte column tid % 16 of rows tid / 16 + 16 k (NF = 128: 16 a row),
-      // no index arithmetic a step (with the dy copy below: forward + loss 0.397 -> 0.383 ms)
-      static_assert(NF == 128 && V3_THREADS == 256, "the copy pattern assumes 16 pieces a row, 16 rows a pass");
-      const int cc = tid & 15, r0 = tid >> 4;
-      #pragma unroll
-      for (int which = 0; which < 2; which++) {
-        if (which && !has_prev) continue;
-        const int pos0 = (c - which) * CHUNK + r0;
-        const unsigned short* src = (const unsigned short*)(which ? (const void*)sPK : (const void*)sPQ) + r0 * LDP + 8 * cc;
-        unsigned short* dst = (unsigned short*)(which ? (void*)a.sv.phi_k : (void*)a.sv.phi_q) + row_index(s, b, pos0, h) * NF + 8 * cc;
-        #pragma unroll
-        for (int k = 0; k < 4; k++)
-          if (pos0 + 16 * k < s.T) *(uint4*)(dst + (size_t)16 * k * s.H * NF) = *(const uint4*)(src + 16 * k * LDP);
-      }
+    if (a.sv.phi_q) {  // the feature maps for the backward: phi_q of chunk c, phi_k of chunk c-1 (with the dy
+      // copy below by the fixed pattern of store_rows_v3: forward + loss 0.397 -> 0.383 ms)
+      static_assert(NF == 128, "store_rows_v3 copies 128 values a row");
+      const size_t pstride = (size_t)s.H * NF;
+      store_rows_v3((unsigned short*)a.sv.phi_q + row_index(s, b, c * CHUNK, h) * NF, pstride, (const unsigned short*)sPQ, LDP,
+                    c * CHUNK, s.T);
+      if (has_prev)
+        store_rows_v3((unsigned short*)a.sv.phi_k + row_index(s, b, (c - 1) * CHUNK, h) * NF, pstride, (const unsigned short*)sPK,
+                      LDP, (c - 1) * CHUNK, s.T);
     }
 
     // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
@@ -3183,13 +3192,9 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
             else a.sv.row_wgrad[ri] = wg;
           }
         }
-        {  // dy, from sYT, 16 bytes a step (4-byte stores from the fragments cost more); the phi copy's pattern
-          const int cc = tid & 15, r0 = tid >> 4, i0 = c * CHUNK + r0;
-          bf16* dst = a.sv.dy + row_index(s, b, i0, h) * D + 8 * cc;
-          #pragma unroll
-          for (int k = 0; k < 4; k++)
-            if (i0 + 16 * k < s.T) *(uint4*)(dst + (size_t)16 * k * s.H * D) = *(const uint4*)&sYT[(r0 + 16 * k) * LDT + 8 * cc];
-        }
+        // dy, from sYT, 16 bytes a step (4-byte stores from the fragments cost more)
+        store_rows_v3((unsigned short*)a.sv.dy + row_index(s, b, c * CHUNK, h) * D, (size_t)s.H * D, (const unsigned short*)sYT, LDT,
+                      c * CHUNK, s.T);
       }
     }
   }
@@ -3418,8 +3423,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
             const uint32_t* yw = (const uint32_t*)&yv4;
             const uint32_t* lw = (const uint32_t*)&lv4;
             #pragma unroll
-            for (int j = 0; j < 4; j++)
-              acc[i] += bf16_lo(dw[j]) * (bf16_lo(yw[j]) + bf16_lo(lw[j])) + bf16_hi(dw[j]) * (bf16_hi(yw[j]) + bf16_hi(lw[j]));
+            for (int j = 0; j < 4; j++) acc[i] += dy_dot_y2(dw[j], yw[j], lw[j]);
           }
           float sum = acc[0] + acc[1];
           sum += __shfl_xor_sync(0xffffffffu, sum, 1);
