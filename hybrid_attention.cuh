@@ -2522,13 +2522,36 @@ __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b,
 // window_kv_chunk: one query chunk (u = 0: chunk c, the causal tile; u = 1: chunk c+1), its tiles Q, DY and
 // statistics st [WST]. Key rows past T come out as garbage that nothing writes (each key row's dk, dv depend
 // on that row alone), so only the geometry masks A; a query past T has m' = +inf and so A = 0.
+// The elementwise middle of a window dk/dv tile (a warp's key rows [row0, +16) against a query chunk: u = 0
+// the causal tile, u = 1 the next chunk), in the C layout of both MMA kinds: s^T (sc) becomes A^T / den and
+// dP^T (dpt) becomes ds^T / sqrt(d) = A (dP / den - delta) / sqrt(d) (+ dm at the arg max).
+__device__ __forceinline__ void window_kv_elementwise(float (&sc)[8][4], float (&dpt)[8][4], const float* st, int u,
+                                                      int row0, int g, int t, bool sliding, const Shape& s, int j0) {
+  const float c1 = s.scale * LOG2E;
+  #pragma unroll
+  for (int nt = 0; nt < 8; nt++) {
+    const float* w = st + (4 * nt + t) * 12;  // queries 8 nt + 2 t, +1
+    const float4 w0 = *(const float4*)w, w1 = *(const float4*)(w + 4), w2 = *(const float4*)(w + 8);
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int o = e & 1, kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + o, j = j0 + g + 8 * (e >> 1);
+      const float mp = o ? w0.y : w0.x, inv = o ? w0.w : w0.z, is = o ? w1.y : w1.x, dl = o ? w1.w : w1.z;
+      const float dm = o ? w2.y : w2.x;
+      const int arg = __float_as_int(o ? w2.w : w2.z);
+      const bool win = u == 0 ? kl <= ql : !sliding || ql < kl || j < s.sinks;
+      const float A = win ? ex2_approx(sc[nt][e] * c1 - mp) : 0.0f;  // gamma is in m'
+      // the arg max is a softmax key of its query, so j = arg implies the window
+      dpt[nt][e] = A * (dpt[nt][e] * is - dl) + (arg == j ? dm : 0.0f);  // ds / sqrt(d)
+      sc[nt][e] = A * inv;                                                 // A^T / den: dv = sum_i A_ij dy_i / den_i
+    }
+  }
+}
 template <int D>
 __device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], float (&dk)[Tiles<D>::NT][4],
                                                 const bf16* sK, const bf16* sV, const bf16* Q, const bf16* DY,
                                                 const float* st, int u, int warp, int g, int t, bool sliding,
                                                 const Shape& s, int j0) {
   const int row0 = warp * 16;
-  const float c1 = s.scale * LOG2E;
   {
     uint32_t ap[4][4], dsp[4][4];
     const int qb_lo = u == 0 ? warp : 0;  // causal tile: key rows [16 w, +16) are seen by queries >= 16 w only
@@ -2536,23 +2559,7 @@ __device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], fl
       float sc[8][4], dpt[8][4];
       mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
       mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
-      #pragma unroll
-      for (int nt = 0; nt < 8; nt++) {
-        const float* w = st + (4 * nt + t) * 12;  // queries 8 nt + 2 t, +1
-        const float4 w0 = *(const float4*)w, w1 = *(const float4*)(w + 4), w2 = *(const float4*)(w + 8);
-        #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int o = e & 1, kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + o, j = j0 + g + 8 * (e >> 1);
-          const float mp = o ? w0.y : w0.x, inv = o ? w0.w : w0.z, is = o ? w1.y : w1.x, dl = o ? w1.w : w1.z;
-          const float dm = o ? w2.y : w2.x;
-          const int arg = __float_as_int(o ? w2.w : w2.z);
-          const bool win = u == 0 ? kl <= ql : !sliding || ql < kl || j < s.sinks;
-          const float A = win ? ex2_approx(sc[nt][e] * c1 - mp) : 0.0f;  // gamma is in m'
-          // the arg max is a softmax key of its query, so j = arg implies the window
-          dpt[nt][e] = A * (dpt[nt][e] * is - dl) + (arg == j ? dm : 0.0f);  // ds / sqrt(d)
-          sc[nt][e] = A * inv;                                                 // A^T / den: dv = sum_i A_ij dy_i / den_i
-        }
-      }
+      window_kv_elementwise(sc, dpt, st, u, row0, g, t, sliding, s, j0);
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
@@ -3986,6 +3993,38 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   }
 }
 
+// The window dk/dv kernels' output: dv (rows [0, 64) of sOut) and dk (rows [64, 128)), fp32 with row stride
+// ldo, plus the accumulators (dk_acc: du_k Wk^T and the sinks' part; dv_acc: the linear and the sinks'
+// parts), as bf16 rows [c * 64, + rows) of dk_out, dv_out. Every thread reads its accumulator words as 16
+// independent 16-byte loads (one round trip) and writes 8 bytes at a time.
+template <int D>
+__device__ __forceinline__ void window_kv_out(const FastBwdArgs& a, const float* sOut, int ldo, int b, int c, int hk,
+                                              int rows, int tid) {
+  const Shape& s = a.s;
+  #pragma unroll
+  for (int which = 0; which < 2; which++) {
+    bf16* out = which ? a.dk_out : a.dv_out;
+    if (!out) continue;
+    const float* acc = which ? a.dk_acc : a.dv_acc;
+    const float* so = sOut + which * 64 * ldo;
+    constexpr int PER = 64 * (D / 4) / 128;  // float4 pieces a thread
+    float4 x[PER];
+    #pragma unroll
+    for (int k = 0; k < PER; k++) {
+      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      x[k] = rr < rows ? *(const float4*)&acc[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    #pragma unroll
+    for (int k = 0; k < PER; k++) {
+      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
+      if (rr >= rows) continue;
+      const float4 w = *(const float4*)&so[rr * ldo + c4];
+      *(uint2*)&out[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] =
+          make_uint2(pack_bf16(w.x + x[k].x, w.y + x[k].y), pack_bf16(w.z + x[k].z, w.w + x[k].w));
+    }
+  }
+}
+
 // ---- full backward, version 3: the window part of dk, dv, and the outputs ----
 // One block of 4 warps per (key chunk c, kv head, b), warp w owning key rows [16w, +16). It loops over the
 // query heads of the GQA group, so the window parts of dk and dv (query chunks c and c+1, as
@@ -4079,29 +4118,161 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
       *(float2*)&sOut[64 * LDO + o] = make_float2(dk[nt][2 * r], dk[nt][2 * r + 1]);
     }
   __syncthreads();
-  const int rows = rows_in(c);
+  window_kv_out<D>(a, sOut, LDO, b, c, hk, rows_in(c), tid);
+}
+
+// ---- full backward, Hopper (sm_90a): the window part of dk, dv with warpgroup MMA ----
+// The same function as fast_window_kv_v3_kernel (a block of 4 warps per key chunk c, kv head and batch,
+// looping over the GQA group's heads and query chunks c, c+1 with two shared-memory slots), but its four
+// products are wgmma issued by the 4 warps together: s^T = K q^T and dP^T = V dy^T (K, V as A and q, dy as
+// B, all K-major from shared memory), then dv += (A^T / den) dy and dk += ds^T q with the probabilities and
+// ds as register A operands and dy, q as MN-major B. The accumulator layout of wgmma (warp w: rows
+// [16 w, +16), the mma.sync C layout) is the one the mma.sync kernel's elementwise code already uses, so
+// that code is shared (window_kv_elementwise). Why: the mma.sync kernel spends its issue slots on
+// ldmatrix and mma instructions at 8 warps an SM (255 registers a thread); wgmma reads its B operands
+// straight from shared memory. Tiles are 64 rows x 128 bf16 in two 64-column halves of 8 KB, 128-byte
+// swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)) as the descriptors read them, filled by
+// cp.async. The causal tile is computed whole (the mask zeroes the upper part), not skipped by 16-row blocks.
+constexpr int WG_TILE = 64 * 128 * 2;  // one swizzled 64 x 128 bf16 tile
+constexpr int WG_HALF = WG_TILE / 2;
+// rows [0, 64) of src (row stride in elements) into the swizzled tile at shared address dst; rows >= n_valid
+// zero. Thread tid copies chunk tid % 16 of rows tid / 16 + 8 k: its swizzled chunk is the same for all of them.
+__device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* src, size_t row_stride, int n_valid, int tid) {
+  const int c = tid & 15, r0 = tid >> 4;
+  uint32_t d = dst + (c >> 3) * WG_HALF + r0 * 128 + (((c & 7) ^ r0) << 4);
+  const bf16* g = src + (size_t)r0 * row_stride + c * 8;
   #pragma unroll
-  for (int which = 0; which < 2; which++) {
-    bf16* out = which ? a.dk_out : a.dv_out;
-    if (!out) continue;
-    const float* acc = which ? a.dk_acc : a.dv_acc;
-    const float* so = sOut + which * 64 * LDO;
-    constexpr int PER = 64 * (D / 4) / 128;  // float4 pieces a thread
-    float4 x[PER];
-    #pragma unroll
-    for (int k = 0; k < PER; k++) {
-      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
-      x[k] = rr < rows ? *(const float4*)&acc[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    #pragma unroll
-    for (int k = 0; k < PER; k++) {
-      const int idx = tid + 128 * k, rr = idx / (D / 4), c4 = 4 * (idx % (D / 4));
-      if (rr >= rows) continue;
-      const float4 w = *(const float4*)&so[rr * LDO + c4];
-      *(uint2*)&out[kv_index(s, b, c * CHUNK + rr, hk) * D + c4] =
-          make_uint2(pack_bf16(w.x + x[k].x, w.y + x[k].y), pack_bf16(w.z + x[k].z, w.w + x[k].w));
-    }
+  for (int k = 0; k < 8; k++) {
+    const bool ok = r0 + 8 * k < n_valid;
+    cp_async16_s(d + k * 1024, ok ? g + (size_t)8 * k * row_stride : src, ok);
   }
+}
+template <int R, int C>
+__device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
+  #pragma unroll
+  for (int i = 0; i < R; i++)
+    #pragma unroll
+    for (int j = 0; j < C; j++) asm volatile("" : "+f"(r[i][j])::"memory");
+}
+struct WinWgLayout {  // byte offsets from the 1024-aligned base; BYTES includes the alignment slack
+  static constexpr size_t K = 0, V = K + WG_TILE, Q = V + WG_TILE, DY = Q + 2 * WG_TILE, ST = DY + 2 * WG_TILE,
+                          BYTES = ST + 2 * WST * 4 + 1024;
+};
+static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBwdArgs a) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  using LY = WinWgLayout;
+  constexpr int D = 128, NT = 16;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sK = base + LY::K, sV = base + LY::V, sQ = base + LY::Q, sDY = base + LY::DY;
+  float* sSt = (float*)(base_ptr + LY::ST);  // [2 slots][WST]
+  const size_t kstride = (size_t)s.Hkv * D, qstride = (size_t)s.H * D;
+  auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
+  const bool sliding = s.geometry == HYBRID_SLIDING;
+  const int nq_chunks = c + 1 < s.NC ? 2 : 1, n_it = s.group * nq_chunks;
+  load_tile_swz_async(sK, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
+  load_tile_swz_async(sV, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
+  const int row0 = warp * 16, j0 = c * CHUNK + row0;
+  auto load_it = [&](int it) {  // as fast_window_kv_v3_kernel's
+    const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
+    load_tile_swz_async(sQ + sl * WG_TILE, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
+    load_tile_swz_async(sDY + sl * WG_TILE, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
+    if (tid < 64) {
+      const bool ok = tid < rows;
+      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
+      float* st = sSt + sl * WST;
+      cp_async4(st + wst_at(tid, 0), a.sv.row_max + ri, ok);
+      cp_async4(st + wst_at(tid, 1), a.sv.row_den + ri, ok);
+      cp_async4(st + wst_at(tid, 3), a.sv.row_delta + ri, ok);
+      cp_async4(st + wst_at(tid, 4), a.dm + ri, ok);
+      cp_async4(st + wst_at(tid, 5), a.sv.row_argmax + ri, ok);
+    }
+    cp_async_commit();
+  };
+  load_it(0);
+  float wl = a.wlogit[hk * s.group];
+  float dk[NT][4] = {}, dv[NT][4] = {};
+  #pragma unroll 1
+  for (int it = 0; it < n_it; it++) {
+    float wl_next = wl;
+    if (it + 1 < n_it) {
+      load_it(it + 1);
+      wl_next = a.wlogit[hk * s.group + (it + 1) / nq_chunks];
+    } else {
+      cp_async_commit();
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int j = j0 + g + 8 * r;
+        if (j >= s.T) continue;
+        const size_t base_i = kv_index(s, b, j, hk) * D + 32 * t;
+        if (a.dv_out) prefetch_l2(a.dv_acc + base_i);
+        if (a.dk_out) prefetch_l2(a.dk_acc + base_i);
+      }
+    }
+    cp_async_wait<1>();
+    const int sl = it & 1, u = it % nq_chunks;
+    if (tid < 64) wst_finish(sSt + sl * WST, tid, wl, s.scale);
+    wl = wl_next;
+    __syncthreads();
+    const uint32_t Q = sQ + sl * WG_TILE, DY = sDY + sl * WG_TILE;
+    uint32_t ap[4][4], dsp[4][4];
+    {
+      float sc[8][4], dpt[8][4];
+      wgmma_fence();
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {  // s^T = K q^T, dP^T = V dy^T (64 keys x 64 queries, k = d)
+        const uint32_t off = (kk / 4) * WG_HALF + (kk % 4) * 32;
+        wgmma_ss_m64n64k16(&sc[0][0], make_desc(sK + off, 16, 1024), make_desc(Q + off, 16, 1024), kk > 0);
+      }
+      #pragma unroll
+      for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t off = (kk / 4) * WG_HALF + (kk % 4) * 32;
+        wgmma_ss_m64n64k16(&dpt[0][0], make_desc(sV + off, 16, 1024), make_desc(DY + off, 16, 1024), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_acc(sc);
+      fence_acc(dpt);
+      window_kv_elementwise(sc, dpt, sSt + sl * WST, u, row0, g, t, sliding, s, j0);
+      pack_c_to_a<false, 8>(ap, sc);
+      pack_c_to_a<false, 8>(dsp, dpt);
+    }
+    fence_acc(dv);
+    fence_acc(dk);
+    wgmma_fence();
+    #pragma unroll
+    for (int kk = 0; kk < 4; kk++)  // dv += (A^T / den) dy, dk += ds^T q (k = the 64 queries)
+      wgmma_rs_m64n128k16_tb(&dv[0][0], ap[kk], make_desc(DY + kk * 2048, WG_HALF, 1024));
+    #pragma unroll
+    for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&dk[0][0], dsp[kk], make_desc(Q + kk * 2048, WG_HALF, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_acc(dv);
+    fence_acc(dk);
+    __syncthreads();  // slot sl is free for iteration it + 2
+  }
+  // Out, as fast_window_kv_v3_kernel: through shared memory (every tile is free now).
+  constexpr int LDO = D + 8;
+  static_assert(2 * 64 * (D + 8) * 4 <= LY::ST, "dv, dk fit the tiles");
+  float* sOut = (float*)base_ptr;  // [2][64][LDO]: dv, dk
+  #pragma unroll
+  for (int nt = 0; nt < NT; nt++)
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const int o = (row0 + g + 8 * r) * LDO + 8 * nt + 2 * t;
+      *(float2*)&sOut[o] = make_float2(dv[nt][2 * r], dv[nt][2 * r + 1]);
+      *(float2*)&sOut[64 * LDO + o] = make_float2(dk[nt][2 * r], dk[nt][2 * r + 1]);
+    }
+  __syncthreads();
+  window_kv_out<D>(a, sOut, LDO, b, c, hk, rows_in(c), tid);
+#else
+  __trap();  // built without sm_90a: the dispatcher does not launch it (attention_hopper::wgmma_available())
+#endif
 }
 
 // ---- full backward, version 3: the linear part of dv ----
@@ -4363,6 +4534,10 @@ inline void mark(const char* stage, cudaStream_t stream) {
 
 // ---- fast path host side ----
 // Version 3 (8 warps, register state) serves d = 128 unless version 2 is asked for.
+// The full backward's window kernels in warpgroup MMA (Hopper, a binary with sm_90a code); the lab and the
+// tests set window_wgmma_off to run the mma.sync kernels, which every other GPU runs.
+inline bool window_wgmma_off = false;
+inline bool window_wgmma() { return !window_wgmma_off && attention_hopper::wgmma_available(); }
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 // Whether a stage-1 forward keeps its feature maps for the backward (version 3; 2 x 256 bytes a row and head).
 inline bool keeps_phi(const HybridAttnParams& p) { return hybrid_uses_fast_path(p) && uses_v3(p); }
@@ -4527,8 +4702,13 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     }
     ba.dk_out = grads.dk;
     ba.dv_out = grads.dv;
-    set_max_smem(fast_window_kv_v3_kernel<D>, WinLayout<D>::BYTES);
-    fast_window_kv_v3_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
+    if (window_wgmma()) {
+      set_max_smem(fast_window_kv_wg_kernel, WinWgLayout::BYTES);
+      fast_window_kv_wg_kernel<<<dim3(s.NC, p.Hkv, p.B), 128, WinWgLayout::BYTES, stream>>>(ba);
+    } else {
+      set_max_smem(fast_window_kv_v3_kernel<D>, WinLayout<D>::BYTES);
+      fast_window_kv_v3_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinLayout<D>::BYTES, stream>>>(ba);
+    }
     CUDA_LAUNCH_CHECK();
     mark("bwd: window dk dv", stream);
   } else if (input_grads) {

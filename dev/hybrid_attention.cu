@@ -7,6 +7,7 @@ CPU reference (reference/hybrid_ref.h, fp64) on fresh random inputs, then timed 
   dev/build/hybrid_attention            # all versions
   dev/build/hybrid_attention 2          # one version
   dev/build/hybrid_attention 2 3 --quick  # versions 2 and 3, T = 1024 and 4096 only
+  dev/build/hybrid_attention 3 --quick --mma-window  # the full backward's window kernels in mma.sync, not wgmma
   dev/build/hybrid_attention 3 --once 1024  # two stage-1 and two full passes at T = 1024, nothing else (for
                                             # a profiler: skip the first pass's kernels with --launch-skip)
 
@@ -332,6 +333,7 @@ int main(int argc, char** argv) {
   int once_T = 0;
   for (int i = 1; i < argc; i++) {
     if (std::string(argv[i]) == "--quick") quick = true;
+    else if (std::string(argv[i]) == "--mma-window") hybrid_detail::window_wgmma_off = true;
     else if (std::string(argv[i]) == "--once") {
       if (i + 1 >= argc || (once_T = atoi(argv[i + 1])) < 1) fatal("--once needs a sequence length T >= 1");
       i++;
