@@ -4135,17 +4135,24 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
 // cp.async. The causal tile is computed whole (the mask zeroes the upper part), not skipped by 16-row blocks.
 constexpr int WG_TILE = 64 * 128 * 2;  // one swizzled 64 x 128 bf16 tile
 constexpr int WG_HALF = WG_TILE / 2;
-// rows [0, 64) of src (row stride in elements) into the swizzled tile at shared address dst; rows >= n_valid
-// zero. Thread tid copies chunk tid % 16 of rows tid / 16 + 8 k: its swizzled chunk is the same for all of them.
+// rows [0, ROWS) of src (row stride in elements) into a swizzled tile of ROWS rows (halves of ROWS x 128 bytes) at
+// shared address dst; rows >= n_valid zero. Thread tid copies chunk tid % 16 of rows tid / 16 + 8 k: its swizzled
+// chunk is the same for all of them.
+template <int ROWS>
 __device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* src, size_t row_stride, int n_valid, int tid) {
   const int c = tid & 15, r0 = tid >> 4;
-  uint32_t d = dst + (c >> 3) * WG_HALF + r0 * 128 + (((c & 7) ^ r0) << 4);
+  uint32_t d = dst + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ r0) << 4);
   const bf16* g = src + (size_t)r0 * row_stride + c * 8;
   #pragma unroll
-  for (int k = 0; k < 8; k++) {
+  for (int k = 0; k < ROWS / 8; k++) {
     const bool ok = r0 + 8 * k < n_valid;
     cp_async16_s(d + k * 1024, ok ? g + (size_t)8 * k * row_stride : src, ok);
   }
+}
+// The 4-byte word (columns 2 t', 2 t' + 1 of 8-column block nt, word = 4 nt + t') of row r of such a tile.
+__device__ __forceinline__ uint32_t swz_word(const unsigned char* tile, int half_bytes, int r, int word) {
+  const int nt = word >> 2;
+  return *(const uint32_t*)(tile + (nt >> 3) * half_bytes + r * 128 + (((nt & 7) ^ (r & 7)) << 4) + 4 * (word & 3));
 }
 template <int R, int C>
 __device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
@@ -4175,13 +4182,13 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
   auto rows_in = [&](int cc) { return max(0, min(CHUNK, s.T - cc * CHUNK)); };
   const bool sliding = s.geometry == HYBRID_SLIDING;
   const int nq_chunks = c + 1 < s.NC ? 2 : 1, n_it = s.group * nq_chunks;
-  load_tile_swz_async(sK, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
-  load_tile_swz_async(sV, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
+  load_tile_swz_async<64>(sK, a.k + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
+  load_tile_swz_async<64>(sV, a.v + kv_index(s, b, c * CHUNK, hk) * D, kstride, rows_in(c), tid);
   const int row0 = warp * 16, j0 = c * CHUNK + row0;
   auto load_it = [&](int it) {  // as fast_window_kv_v3_kernel's
     const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
-    load_tile_swz_async(sQ + sl * WG_TILE, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
-    load_tile_swz_async(sDY + sl * WG_TILE, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
+    load_tile_swz_async<64>(sQ + sl * WG_TILE, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
+    load_tile_swz_async<64>(sDY + sl * WG_TILE, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
     if (tid < 64) {
       const bool ok = tid < rows;
       const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
@@ -4270,6 +4277,224 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
     }
   __syncthreads();
   window_kv_out<D>(a, sOut, LDO, b, c, hk, rows_in(c), tid);
+#else
+  __trap();  // built without sm_90a: the dispatcher does not launch it (attention_hopper::wgmma_available())
+#endif
+}
+
+// ---- full backward, Hopper (sm_90a): the window part of dq with warpgroup MMA ----
+// The function of fast_window_q_kernel (a block of 4 warps per query chunk c, kv head and batch, looping over
+// the GQA group's heads, which share the K, V tiles of chunks c-1 and c and the sinks' tile), with its
+// products as wgmma: s = q K^T and dP = dy V^T from shared memory (q, dy, K, V all K-major), then
+// dq += ds K / sqrt(d) with ds as the register A operand and K as an MN-major B. One key tile at a time (s,
+// dP, then its dq product), so a thread holds dq (64 registers) and one tile's s and dP (64). The query and
+// dy tiles have one slot each (two would not leave room for 2 blocks an SM): the next head's are requested as
+// soon as this head's last s and dP products have read them, and arrive while the rest of the head computes.
+__device__ __forceinline__ void wgmma_ss_m64n16k16(float* d, uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+// One key tile (NKEYS = 64, or 16: the sinks) for the warpgroup's 64 query rows: ds = A (g.v - delta) with p
+// rounded to f16 as the forward multiplied it (as window_grad_tile), its row sums, and dq += ds K / sqrt(d)
+// when want_dq. Q, DY: 64-row swizzled tiles; Kt, Vt: NKEYS-row swizzled tiles. after_reads() runs once every
+// warp's s and dP products are done (they are the last readers of Q and DY).
+template <int NKEYS, class MASK, class AFTER>
+__device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&rowsum)[2], uint32_t Q, uint32_t DY,
+                                                 uint32_t Kt, uint32_t Vt, const WinRows& wr, float scale, bool want_dq,
+                                                 int row0, MASK mask, AFTER after_reads) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  constexpr int NB = NKEYS / 8, HALFK = NKEYS * 128;
+  const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  const float c1 = scale * LOG2E;
+  float sc[NB][4], dp[NB][4];
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < 8; kk++) {
+    const uint32_t oq = (kk / 4) * WG_HALF + (kk % 4) * 32, ok = (kk / 4) * HALFK + (kk % 4) * 32;
+    if constexpr (NKEYS == 64) wgmma_ss_m64n64k16(&sc[0][0], make_desc(Q + oq, 16, 1024), make_desc(Kt + ok, 16, 1024), kk > 0);
+    else wgmma_ss_m64n16k16(&sc[0][0], make_desc(Q + oq, 16, 1024), make_desc(Kt + ok, 16, 1024), kk > 0);
+  }
+  #pragma unroll
+  for (int kk = 0; kk < 8; kk++) {
+    const uint32_t oq = (kk / 4) * WG_HALF + (kk % 4) * 32, ok = (kk / 4) * HALFK + (kk % 4) * 32;
+    if constexpr (NKEYS == 64) wgmma_ss_m64n64k16(&dp[0][0], make_desc(DY + oq, 16, 1024), make_desc(Vt + ok, 16, 1024), kk > 0);
+    else wgmma_ss_m64n16k16(&dp[0][0], make_desc(DY + oq, 16, 1024), make_desc(Vt + ok, 16, 1024), kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_acc(sc);
+  fence_acc(dp);
+  after_reads();
+  #pragma unroll
+  for (int nt = 0; nt < NB; nt++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
+      float ds = 0.0f;
+      if (mask(kl, row0 + g + 8 * r)) {
+        const float p = __half2float(__float2half(ex2_approx(sc[nt][e] * c1 - wr.mL[r])));
+        ds = p * (dp[nt][e] * wr.ginv[r] - wr.gdelta[r]);
+      }
+      rowsum[r] += ds;
+      sc[nt][e] = ds * scale;
+    }
+  if (want_dq) {
+    uint32_t da[NB / 2][4];
+    pack_c_to_a<false, NB>(da, sc);
+    fence_acc(dqa);
+    wgmma_fence();
+    #pragma unroll
+    for (int kk = 0; kk < NKEYS / 16; kk++) wgmma_rs_m64n128k16_tb(&dqa[0][0], da[kk], make_desc(Kt + kk * 2048, HALFK, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_acc(dqa);
+  }
+#endif
+}
+struct WinQWgLayout {  // byte offsets from the 1024-aligned base; BYTES includes the alignment slack
+  static constexpr int STW = 4 * 64 + 4;  // a head's row statistics, as WinQLayout's
+  static constexpr size_t K = 0, V = K + 2 * WG_TILE, Q = V + 2 * WG_TILE, DY = Q + WG_TILE, SK = DY + WG_TILE,
+                          SV = SK + WG_TILE / 4, ST = SV + WG_TILE / 4, BYTES = ST + 2 * STW * 4 + 1024;
+};
+static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwdArgs a) {
+#ifdef LOLCATS_WGMMA
+  using LY = WinQWgLayout;
+  constexpr int D = 128, NT = 16, SINK_HALF = 16 * 128;
+  const Shape& s = a.s;
+  const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
+  const unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
+  const uint32_t sK = base + LY::K, sV = base + LY::V, sQ = base + LY::Q, sDY = base + LY::DY, sSK = base + LY::SK,
+                 sSV = base + LY::SV;  // sK, sV: slot 0 chunk c-1, slot 1 chunk c
+  float* sSt = (float*)(base_ptr + LY::ST);  // [2]: by head parity
+  const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
+  const bf16* kb = a.k + kv_index(s, b, 0, hk) * D;
+  const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
+  auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
+  const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
+  auto load_head = [&](int hh) {  // a head's q and dy tiles and row statistics (not committed)
+    const int h = hk * s.group + hh;
+    load_tile_swz_async<64>(sQ, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, rows_in(c), tid);
+    load_tile_swz_async<64>(sDY, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, rows_in(c), tid);
+    float* st = sSt + (hh & 1) * LY::STW;
+    if (tid < 64) {
+      const bool ok = tid < rows_in(c);
+      const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
+      cp_async4(st + tid, a.sv.row_den + ri, ok);
+      cp_async4(st + 64 + tid, a.sv.row_delta + ri, ok);
+      cp_async4(st + 128 + tid, a.sv.row_max + ri, ok);
+      cp_async4(st + 192 + tid, a.sv.row_argmax + ri, ok);
+    } else if (tid == 64) {
+      cp_async4(st + 256, a.wlogit + h, true);
+    }
+  };
+  load_head(0);
+  for (int u = has_prev ? 0 : 1; u < 2; u++) {
+    const int kc = c - 1 + u;
+    load_tile_swz_async<64>(sK + u * WG_TILE, kb + (size_t)kc * CHUNK * kstride, kstride, rows_in(kc), tid);
+    load_tile_swz_async<64>(sV + u * WG_TILE, vb + (size_t)kc * CHUNK * kstride, kstride, rows_in(kc), tid);
+  }
+  if (sink_tile) {
+    load_tile_swz_async<16>(sSK, kb, kstride, s.sinks, tid);
+    load_tile_swz_async<16>(sSV, vb, kstride, s.sinks, tid);
+  }
+  cp_async_commit();
+  if (a.dv_acc) {  // zero this block's rows of the dv accumulator (the dv pass adds into it next), as fast_window_q_kernel
+    float4* z = (float4*)(a.dv_acc + kv_index(s, b, c * CHUNK, hk) * D);
+    for (int r = tid / (D / 4); r < rows_in(c); r += 128 / (D / 4)) z[(size_t)r * s.Hkv * (D / 4) + tid % (D / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const int row0 = 16 * warp, i0 = c * CHUNK + row0;
+  const bool want_dq = a.dq != nullptr;
+  bool valid[2];
+  #pragma unroll
+  for (int r = 0; r < 2; r++) valid[r] = i0 + g + 8 * r < s.T;
+
+  for (int hh = 0; hh < s.group; hh++) {
+    const int h = hk * s.group + hh;
+    const bool more = hh + 1 < s.group;
+    if (more && want_dq) {  // the next head's du_q Wq^T rows (read into registers at its top): into L2 now
+      const int rn = tid >> 1, i = c * CHUNK + rn;
+      if (rn < rows_in(c)) prefetch_l2(a.dq + row_index(s, b, i, h + 1) * D + 64 * (tid & 1));
+    }
+    float dqa[NT][4];  // the feature-map part du_q Wq^T (du_weights_kernel, in dq itself)
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      const uint32_t* src = (const uint32_t*)(a.dq + row_index(s, b, valid[r] ? i0 + g + 8 * r : 0, h) * D) + t;
+      #pragma unroll
+      for (int nt = 0; nt < NT; nt++) {
+        const uint32_t x = want_dq && valid[r] ? src[4 * nt] : 0u;
+        dqa[nt][2 * r] = bf16_lo(x);
+        dqa[nt][2 * r + 1] = bf16_hi(x);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    float inv[2], delta[2], m[2];
+    int arg[2];
+    {
+      const float* st = sSt + (hh & 1) * LY::STW;
+      #pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int rl = row0 + g + 8 * r;
+        inv[r] = valid[r] ? 1.0f / st[rl] : 0.0f;
+        delta[r] = st[64 + rl];
+        m[r] = st[128 + rl];
+        arg[r] = __float_as_int(st[192 + rl]);
+      }
+    }
+    const WinRows wr = win_rows(m, inv, delta, sigmoidf_(sSt[(hh & 1) * LY::STW + 256]));
+    auto nothing = [] {};
+    auto next_head = [&] {  // every warp's last s, dP products have read q, dy: the next head's may come in
+      __syncthreads();
+      if (more) load_head(hh + 1);
+      cp_async_commit();
+    };
+    float rowsum[2] = {0.0f, 0.0f};
+    if (sink_tile)
+      window_q_tile_wg<16>(dqa, rowsum, sQ, sDY, sSK, sSV, wr, s.scale, want_dq, row0,
+                           [&](int kl, int) { return kl < s.sinks; }, nothing);
+    if (has_prev) {
+      const int key0 = (c - 1) * CHUNK;
+      window_q_tile_wg<64>(dqa, rowsum, sQ, sDY, sK, sV, wr, s.scale, want_dq, row0,
+                           [&](int kl, int rl) { return !sliding || kl > rl || key0 + kl < s.sinks; }, nothing);
+    }
+    window_q_tile_wg<64>(dqa, rowsum, sQ, sDY, sK + WG_TILE, sV + WG_TILE, wr, s.scale, want_dq, row0,
+                         [&](int kl, int rl) { return kl <= rl; }, next_head);
+    #pragma unroll
+    for (int r = 0; r < 2; r++) {
+      rowsum[r] = quad_sum(rowsum[r]);
+      if (!valid[r]) continue;
+      const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
+      if (t == 0) {
+        a.dm[ri] = -rowsum[r];
+        a.sv.row_wgrad[ri] = rowsum[r];
+      }
+      if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d), k_{j*} from the tiles
+        const int j = arg[r], slot = j / CHUNK - (c - 1);
+        const bool in_sinks = sink_tile && j < s.sinks, in_tiles = slot == 1 || (slot == 0 && has_prev);
+        const unsigned char* tile = in_sinks ? base_ptr + LY::SK : base_ptr + LY::K + slot * WG_TILE;
+        const int half = in_sinks ? SINK_HALF : WG_HALF, kr = in_sinks ? j : j % CHUNK;
+        const uint32_t* kg = (const uint32_t*)(a.k + kv_index(s, b, j, hk) * D);
+        const float f = -rowsum[r] * s.scale;
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+          const uint32_t kv2 = in_sinks || in_tiles ? swz_word(tile, half, kr, 4 * nt + t) : kg[4 * nt + t];
+          dqa[nt][2 * r] += f * bf16_lo(kv2);
+          dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+        }
+        uint32_t* dst = (uint32_t*)(a.dq + ri * D);
+        #pragma unroll
+        for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+      }
+    }
+  }
+  cp_async_wait<0>();
 #else
   __trap();  // built without sm_90a: the dispatcher does not launch it (attention_hopper::wgmma_available())
 #endif
@@ -4667,8 +4892,13 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     mark("bwd: dq maps", stream);
   }
   if (v3 && ba.want_window) {
-    set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
-    fast_window_q_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
+    if (window_wgmma()) {
+      set_max_smem(fast_window_q_wg_kernel, WinQWgLayout::BYTES);
+      fast_window_q_wg_kernel<<<dim3(s.NC, p.Hkv, p.B), 128, WinQWgLayout::BYTES, stream>>>(ba);
+    } else {
+      set_max_smem(fast_window_q_kernel<D>, WinQLayout<D>::BYTES);
+      fast_window_q_kernel<D><<<dim3(s.NC, p.Hkv, p.B), 128, WinQLayout<D>::BYTES, stream>>>(ba);
+    }
     CUDA_LAUNCH_CHECK();
     mark("bwd: window dq", stream);
   }
