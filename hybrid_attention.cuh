@@ -2523,27 +2523,41 @@ __device__ __forceinline__ void load_window_queries(const FastBwdArgs& a, int b,
 // statistics st [WST]. Key rows past T come out as garbage that nothing writes (each key row's dk, dv depend
 // on that row alone), so only the geometry masks A; a query past T has m' = +inf and so A = 0.
 // The elementwise middle of a window dk/dv tile (a warp's key rows [row0, +16) against a query chunk: u = 0
-// the causal tile, u = 1 the next chunk), in the C layout of both MMA kinds: s^T (sc) becomes A^T / den and
-// dP^T (dpt) becomes ds^T / sqrt(d) = A (dP / den - delta) / sqrt(d) (+ dm at the arg max).
-__device__ __forceinline__ void window_kv_elementwise(float (&sc)[8][4], float (&dpt)[8][4], const float* st, int u,
-                                                      int row0, int g, int t, bool sliding, const Shape& s, int j0) {
+// the causal tile, u = 1 the next chunk), in the C layout of both MMA kinds, an n-tile (8 queries) at a time
+// and in two steps: s^T (sc) becomes A^T (window_kv_probs); then dP^T (dpt) becomes ds^T / sqrt(d) =
+// A (dP / den - delta) / sqrt(d) (+ dm at the arg max) and A^T becomes A^T / den (window_kv_ds). The wgmma
+// kernel forms every tile's probabilities while dP^T is still being formed; the mma.sync kernel takes both
+// steps an n-tile at a time (all probabilities first made it spill).
+// The statistics of the thread's two queries of n-tile nt (8 nt + 2 t, +1): three 16-byte words (see WST).
+struct WinPair {
+  float4 w0, w1, w2;
+};
+__device__ __forceinline__ WinPair win_pair(const float* st, int nt, int t) {
+  const float* w = st + (4 * nt + t) * 12;
+  return {*(const float4*)w, *(const float4*)(w + 4), *(const float4*)(w + 8)};
+}
+// mp2: m' of the two queries (the first two floats of their statistics)
+__device__ __forceinline__ void window_kv_probs(float (&sc)[4], float2 mp2, int nt, int u, int row0, int g, int t,
+                                                bool sliding, const Shape& s, int j0) {
   const float c1 = s.scale * LOG2E;
   #pragma unroll
-  for (int nt = 0; nt < 8; nt++) {
-    const float* w = st + (4 * nt + t) * 12;  // queries 8 nt + 2 t, +1
-    const float4 w0 = *(const float4*)w, w1 = *(const float4*)(w + 4), w2 = *(const float4*)(w + 8);
-    #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int o = e & 1, kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + o, j = j0 + g + 8 * (e >> 1);
-      const float mp = o ? w0.y : w0.x, inv = o ? w0.w : w0.z, is = o ? w1.y : w1.x, dl = o ? w1.w : w1.z;
-      const float dm = o ? w2.y : w2.x;
-      const int arg = __float_as_int(o ? w2.w : w2.z);
-      const bool win = u == 0 ? kl <= ql : !sliding || ql < kl || j < s.sinks;
-      const float A = win ? ex2_approx(sc[nt][e] * c1 - mp) : 0.0f;  // gamma is in m'
-      // the arg max is a softmax key of its query, so j = arg implies the window
-      dpt[nt][e] = A * (dpt[nt][e] * is - dl) + (arg == j ? dm : 0.0f);  // ds / sqrt(d)
-      sc[nt][e] = A * inv;                                                 // A^T / den: dv = sum_i A_ij dy_i / den_i
-    }
+  for (int e = 0; e < 4; e++) {
+    const int o = e & 1, kl = row0 + g + 8 * (e >> 1), ql = 8 * nt + 2 * t + o, j = j0 + g + 8 * (e >> 1);
+    const bool win = u == 0 ? kl <= ql : !sliding || ql < kl || j < s.sinks;
+    sc[e] = win ? ex2_approx(sc[e] * c1 - (o ? mp2.y : mp2.x)) : 0.0f;  // gamma is in m'
+  }
+}
+__device__ __forceinline__ void window_kv_ds(float (&sc)[4], float (&dpt)[4], const WinPair& wp, int g, int j0) {
+  const float4 &w0 = wp.w0, &w1 = wp.w1, &w2 = wp.w2;
+  #pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int o = e & 1, j = j0 + g + 8 * (e >> 1);
+    const float A = sc[e], inv = o ? w0.w : w0.z, is = o ? w1.y : w1.x, dl = o ? w1.w : w1.z;
+    const float dm = o ? w2.y : w2.x;
+    const int arg = __float_as_int(o ? w2.w : w2.z);
+    // the arg max is a softmax key of its query, so j = arg implies the window
+    dpt[e] = A * (dpt[e] * is - dl) + (arg == j ? dm : 0.0f);  // ds / sqrt(d)
+    sc[e] = A * inv;                                             // A^T / den: dv = sum_i A_ij dy_i / den_i
   }
 }
 template <int D>
@@ -2559,7 +2573,12 @@ __device__ __forceinline__ void window_kv_chunk(float (&dv)[Tiles<D>::NT][4], fl
       float sc[8][4], dpt[8][4];
       mul_x_keys_smem<D>(sc, sK, row0, Q, qb_lo);    // s^T = K q^T (keys x queries)
       mul_x_keys_smem<D>(dpt, sV, row0, DY, qb_lo);  // dP^T = V dy^T
-      window_kv_elementwise(sc, dpt, st, u, row0, g, t, sliding, s, j0);
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++) {
+        const WinPair wp = win_pair(st, nt, t);
+        window_kv_probs(sc[nt], make_float2(wp.w0.x, wp.w0.y), nt, u, row0, g, t, sliding, s, j0);
+        window_kv_ds(sc[nt], dpt[nt], wp, g, j0);
+      }
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
@@ -4128,7 +4147,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
 // B, all K-major from shared memory), then dv += (A^T / den) dy and dk += ds^T q with the probabilities and
 // ds as register A operands and dy, q as MN-major B. The accumulator layout of wgmma (warp w: rows
 // [16 w, +16), the mma.sync C layout) is the one the mma.sync kernel's elementwise code already uses, so
-// that code is shared (window_kv_elementwise). Why: the mma.sync kernel spends its issue slots on
+// that code is shared (window_kv_probs, window_kv_ds). Why: the mma.sync kernel spends its issue slots on
 // ldmatrix and mma instructions at 8 warps an SM (255 registers a thread); wgmma reads its B operands
 // straight from shared memory. Tiles are 64 rows x 128 bf16 in two 64-column halves of 8 KB, 128-byte
 // swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)) as the descriptors read them, filled by
@@ -4236,16 +4255,22 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
         const uint32_t off = (kk / 4) * WG_HALF + (kk % 4) * 32;
         wgmma_ss_m64n64k16(&sc[0][0], make_desc(sK + off, 16, 1024), make_desc(Q + off, 16, 1024), kk > 0);
       }
+      wgmma_commit();
       #pragma unroll
       for (int kk = 0; kk < D / 16; kk++) {
         const uint32_t off = (kk / 4) * WG_HALF + (kk % 4) * 32;
         wgmma_ss_m64n64k16(&dpt[0][0], make_desc(sV + off, 16, 1024), make_desc(DY + off, 16, 1024), kk > 0);
       }
       wgmma_commit();
-      wgmma_wait<0>();
+      wgmma_wait<1>();  // s^T is done: the probabilities while dP^T is formed
       fence_acc(sc);
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        window_kv_probs(sc[nt], *(const float2*)(sSt + sl * WST + (4 * nt + t) * 12), nt, u, row0, g, t, sliding, s, j0);
+      wgmma_wait<0>();
       fence_acc(dpt);
-      window_kv_elementwise(sc, dpt, sSt + sl * WST, u, row0, g, t, sliding, s, j0);
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++) window_kv_ds(sc[nt], dpt[nt], win_pair(sSt + sl * WST, nt, t), g, j0);
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
@@ -4318,6 +4343,7 @@ __device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&ro
     if constexpr (NKEYS == 64) wgmma_ss_m64n64k16(&sc[0][0], make_desc(Q + oq, 16, 1024), make_desc(Kt + ok, 16, 1024), kk > 0);
     else wgmma_ss_m64n16k16(&sc[0][0], make_desc(Q + oq, 16, 1024), make_desc(Kt + ok, 16, 1024), kk > 0);
   }
+  wgmma_commit();
   #pragma unroll
   for (int kk = 0; kk < 8; kk++) {
     const uint32_t oq = (kk / 4) * WG_HALF + (kk % 4) * 32, ok = (kk / 4) * HALFK + (kk % 4) * 32;
@@ -4325,20 +4351,24 @@ __device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&ro
     else wgmma_ss_m64n16k16(&dp[0][0], make_desc(DY + oq, 16, 1024), make_desc(Vt + ok, 16, 1024), kk > 0);
   }
   wgmma_commit();
-  wgmma_wait<0>();
+  wgmma_wait<1>();  // s is done: the probabilities while dP is formed
   fence_acc(sc);
+  #pragma unroll
+  for (int nt = 0; nt < NB; nt++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
+      sc[nt][e] = mask(kl, row0 + g + 8 * r) ? __half2float(__float2half(ex2_approx(sc[nt][e] * c1 - wr.mL[r]))) : 0.0f;
+    }
+  wgmma_wait<0>();
   fence_acc(dp);
   after_reads();
   #pragma unroll
   for (int nt = 0; nt < NB; nt++)
     #pragma unroll
     for (int e = 0; e < 4; e++) {
-      const int kl = 8 * nt + 2 * t + (e & 1), r = e >> 1;
-      float ds = 0.0f;
-      if (mask(kl, row0 + g + 8 * r)) {
-        const float p = __half2float(__float2half(ex2_approx(sc[nt][e] * c1 - wr.mL[r])));
-        ds = p * (dp[nt][e] * wr.ginv[r] - wr.gdelta[r]);
-      }
+      const int r = e >> 1;
+      const float ds = sc[nt][e] * (dp[nt][e] * wr.ginv[r] - wr.gdelta[r]);
       rowsum[r] += ds;
       sc[nt][e] = ds * scale;
     }

@@ -360,6 +360,18 @@ TEST(HybridGpu, Version2MatchesReferenceT1024) {
   run_cases(cases, 7000);
 }
 
+// On Hopper the full backward's window kernels are the warpgroup-MMA ones (every case above); the mma.sync
+// ones, which other GPUs run, must stay correct: the d = 128 cases of T = 100 and T = 1024 on them.
+TEST(HybridGpu, MmaSyncWindowKernelsMatchReference) {
+  std::vector<Case> cases;
+  for (int T : {100, 1024})
+    for (Case c : product(T, 1, 5))
+      if (c.d == 128) cases.push_back(c);
+  hybrid_detail::window_wgmma_off = true;
+  run_cases(cases, 7500);
+  hybrid_detail::window_wgmma_off = false;
+}
+
 // Shapes off the tensor-core path (d not 64/128, or f < 64) run the plain kernels; same function.
 TEST(HybridGpu, PlainPathMatchesReference) {
   std::vector<Case> cases = {
