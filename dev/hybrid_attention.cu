@@ -21,6 +21,8 @@ version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the backward's state ke
            stateless window kernels (a block per chunk and kv head looping over the GQA group: dq per query
            chunk; dk, dv per key chunk with the next (head, query chunk)'s tiles and row statistics arriving
            by cp.async while one computes) and a second state walk for dv = phi_k R (R^T by head-dim rows).
+           On Hopper the two window kernels are warpgroup-MMA (wgmma) versions; --mma-window runs the mma.sync
+           ones instead (what other GPUs run), for comparison.
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv; `saved` has room for the feature maps, so version 3 keeps them, and a last line
