@@ -1100,6 +1100,15 @@ __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T* tile, int ld, 
   const int l = lane_id();
   ldsm_x4(a, tile + (r0 + (l & 15)) * ld + k0 + (l >> 4) * 8);
 }
+// Hopper's warpgroup MMA reads 64 x 128 bf16 tiles 128-byte swizzled: two 64-column halves of 64 rows x 128
+// bytes, 16-byte chunk c of row r at chunk c ^ (r % 8) (load_tile_swz_async writes them).
+constexpr int WG_TILE = 64 * 128 * 2;
+constexpr int WG_HALF = WG_TILE / 2;
+// A fragment (16 x 16) = rows [r0, r0 + 16) x cols [k0, k0 + 16) of a 64-row swizzled tile (frag_a's layout).
+__device__ __forceinline__ void frag_a_swz(uint32_t (&a)[4], const void* tile, int r0, int k0) {
+  const int l = lane_id(), r = r0 + (l & 15), c = (k0 >> 3) + (l >> 4);
+  ldsm_x4(a, (const unsigned char*)tile + (c >> 3) * WG_HALF + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
 // A (16x16) with A[m][k] = tile[k][m]: the transpose of a row-major tile.
 template <class T>
 __device__ __forceinline__ void frag_a_t(uint32_t (&a)[4], const T* tile, int ld, int m0, int k0) {
@@ -1198,13 +1207,14 @@ __device__ __forceinline__ void feature_map_regs(float (&ph)[16][4], const uint3
   hedgehog_softmax(ph, u);
 }
 // x rows [r0, r0+16) of a shared tile.
-template <int D>
+template <int D, bool SWZ = false>
 __device__ __forceinline__ void feature_map_smem(float (&ph)[16][4], const bf16* X, int r0, const bf16* sW) {
   float u[8][4] = {};
   #pragma unroll
   for (int kt = 0; kt < D / 16; kt++) {
     uint32_t xa[4];
-    frag_a(xa, X, Tiles<D>::LDT, r0, kt * 16);
+    if constexpr (SWZ) frag_a_swz(xa, X, r0, kt * 16);  // X: a swizzled 64-row tile (the Hopper forward's K)
+    else frag_a(xa, X, Tiles<D>::LDT, r0, kt * 16);
     #pragma unroll
     for (int np = 0; np < 4; np++) {
       uint32_t bb[4];
@@ -2874,15 +2884,69 @@ __device__ __forceinline__ void mul_a_tile_half(float (&acc)[8][4], const uint32
       else { mma_bf16(acc[2 * np], A[kk], bb[0], bb[1]); mma_bf16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
     }
 }
+// ---- warpgroup MMA (Hopper) helpers: swizzled tiles ----
+// rows [0, ROWS) of src (row stride in elements) into a swizzled tile of ROWS rows (halves of ROWS x 128 bytes) at
+// shared address dst; rows >= n_valid zero. Thread tid copies chunk tid % 16 of rows tid / 16 + (THREADS / 16) k:
+// its swizzled chunk is the same for all of them.
+template <int ROWS, int THREADS = 128>
+__device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* src, size_t row_stride, int n_valid, int tid) {
+  constexpr int RP = THREADS / 16;  // rows a pass
+  static_assert(RP % 8 == 0 && ROWS % RP == 0, "a pass covers whole swizzle groups");
+  const int c = tid & 15, r0 = tid >> 4;
+  uint32_t d = dst + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
+  const bf16* g = src + (size_t)r0 * row_stride + c * 8;
+  #pragma unroll
+  for (int k = 0; k < ROWS / RP; k++) {
+    const bool ok = r0 + RP * k < n_valid;
+    cp_async16_s(d + k * RP * 128, ok ? g + (size_t)RP * k * row_stride : src, ok);
+  }
+}
+// The 4-byte word (columns 2 t', 2 t' + 1 of 8-column block nt, word = 4 nt + t') of row r of such a tile.
+__device__ __forceinline__ uint32_t swz_word(const unsigned char* tile, int half_bytes, int r, int word) {
+  const int nt = word >> 2;
+  return *(const uint32_t*)(tile + (nt >> 3) * half_bytes + r * 128 + (((nt & 7) ^ (r & 7)) << 4) + 4 * (word & 3));
+}
+template <int R, int C>
+__device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
+  #pragma unroll
+  for (int i = 0; i < R; i++)
+    #pragma unroll
+    for (int j = 0; j < C; j++) asm volatile("" : "+f"(r[i][j])::"memory");
+}
+// d (64 x 64 fp32) (+)= A (64 x 16 bf16, registers) * B (64 x 16, smem desc, K-major).
+__device__ __forceinline__ void wgmma_rs_m64n64k16_kb(float* d, const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+// sc (this warp's 16 rows x 64 keys, C layout) = X K^T, X the warp's register A fragments (8 k-steps over d = 128),
+// K a swizzled 64-key tile: one wgmma chain by the whole warpgroup (Hopper; the forward's version-3 path there).
+__device__ __forceinline__ void mul_x_keys_wg(float (&sc)[8][4], const uint32_t (&X)[8][4], const bf16* K) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  const uint32_t k = smem_u32(K);
+  wgmma_fence();
+  #pragma unroll
+  for (int kt = 0; kt < 8; kt++)
+    wgmma_rs_m64n64k16_kb(&sc[0][0], X[kt], make_desc(k + (kt / 4) * WG_HALF + (kt % 4) * 32, 16, 1024), kt > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_acc(sc);
+#endif
+}
+
 // Online softmax over one key tile for a warp's 16 query rows, output columns [col0, col0+64) only (the
 // two warps of a row group each take half of the head dim; both form the same scores, max and sums).
-template <int NKEYS, bool ARGMAX, class MASK>
+template <int NKEYS, bool ARGMAX, class MASK, bool WGK = false>
 __device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2], float (&l)[2], float (&best)[2], int (&barg)[2],
                                                   const uint32_t (&qf)[8][4], const bf16* K, const __half* V, int key0,
                                                   int row0, float scale, int col0, MASK mask) {
   const int ln = lane_id(), g = ln >> 2, t = ln & 3;
   float sc[8][4];
-  mul_x_keys<128, NKEYS>(sc, qf, K);
+  if constexpr (WGK) mul_x_keys_wg(sc, qf, K);  // K swizzled (NKEYS = 64; the whole warpgroup)
+  else mul_x_keys<128, NKEYS>(sc, qf, K);
   float tmax[2] = {-INFINITY, -INFINITY};
   #pragma unroll
   for (int nt = 0; nt < NKEYS / 8; nt++)
@@ -2921,38 +2985,47 @@ __device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2
 // S^T += V_{c-1}^T phi_k(c-1); (C) warp (row group rg, half hf) the softmax tiles of rows [16 rg, +16) for
 // head-dim columns [64 hf, +64) (plus the sliding masked term); (D) output and the fused stage-1 loss, the
 // two halves' row sums combined through shared memory in a fixed order.
-struct Fwd3Layout {
+// WG (Hopper): the K tiles 128-byte swizzled (16 KB each, first, on the 1024-aligned base: BYTES has the slack),
+// for q K^T as wgmma with K read from shared memory.
+template <bool WG>
+struct Fwd3LayoutT {
   using TL = Tiles<128>;
-  static constexpr size_t Q = 0, K = Q + TL::TILE * 2, V = K + 2 * TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
+  static constexpr size_t K_TILE = WG ? 64 * 128 * 2 : TL::TILE * 2;
+  static constexpr size_t K = 0, Q = K + 2 * K_TILE, V = Q + TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
                           WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
                           SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
-                          LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4, BYTES = YT + TL::TILE * 2;
+                          LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4,
+                          BYTES = YT + TL::TILE * 2 + (WG ? 1024 : 0);
 };
-template <bool SLIDING, bool STAGE1>
+using Fwd3Layout = Fwd3LayoutT<false>;
+template <bool SLIDING, bool STAGE1, bool WG = false>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(FastFwdArgs a) {
   constexpr int D = 128;
   using TL = Tiles<D>;
-  using LY = Fwd3Layout;
+  using LY = Fwd3LayoutT<WG>;
   constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
-  bf16* sK = (bf16*)(smem_raw + LY::K);
-  __half* sV = (__half*)(smem_raw + LY::V);
-  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
-  bf16* sWk = (bf16*)(smem_raw + LY::WK);
-  __half* sPK = (__half*)(smem_raw + LY::PK);
-  __half* sPQ = (__half*)(smem_raw + LY::PQ);
-  float* sNum = (float*)(smem_raw + LY::NUM);  // numL (query, d) of the current chunk
-  bf16* sSK = (bf16*)(smem_raw + LY::SK);
-  __half* sSV = (__half*)(smem_raw + LY::SV);
-  float* sZ = (float*)(smem_raw + LY::Z);
-  float* sLL = (float*)(smem_raw + LY::LL);    // phi_q . z per query row
-  float* sRed = (float*)(smem_raw + LY::RED);  // [half][sq, dy.y, dy.numA][64]
-  bf16* sYT = (bf16*)(smem_raw + LY::YT);      // the teacher's output y_true of the current chunk (stage 1)
+  // WG: the 1024-aligned base the swizzled K tiles need (BYTES has the slack)
+  unsigned char* sm = WG ? smem_raw + (((smem_u32(smem_raw) + 1023) & ~1023u) - smem_u32(smem_raw)) : smem_raw;
+  constexpr int KTE = LY::K_TILE / 2;  // elements a K slot
+  bf16* sQ = (bf16*)(sm + LY::Q);
+  bf16* sK = (bf16*)(sm + LY::K);
+  __half* sV = (__half*)(sm + LY::V);
+  bf16* sWq = (bf16*)(sm + LY::WQ);
+  bf16* sWk = (bf16*)(sm + LY::WK);
+  __half* sPK = (__half*)(sm + LY::PK);
+  __half* sPQ = (__half*)(sm + LY::PQ);
+  float* sNum = (float*)(sm + LY::NUM);  // numL (query, d) of the current chunk
+  bf16* sSK = (bf16*)(sm + LY::SK);
+  __half* sSV = (__half*)(sm + LY::SV);
+  float* sZ = (float*)(sm + LY::Z);
+  float* sLL = (float*)(sm + LY::LL);    // phi_q . z per query row
+  float* sRed = (float*)(sm + LY::RED);  // [half][sq, dy.y, dy.numA][64]
+  bf16* sYT = (bf16*)(sm + LY::YT);      // the teacher's output y_true of the current chunk (stage 1)
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const float gamma = sigmoidf_(a.wlogit[h]);
@@ -2963,7 +3036,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
   const bf16* ytb = a.y_true ? a.y_true + row_index(s, b, 0, h) * D : nullptr;
   auto rows_in = [&](int c) { return min(CHUNK, s.T - c * CHUNK); };
   auto load_kv = [&](int c) {
-    load_rows_async<D, V3_THREADS>(sK + (c & 1) * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+    if constexpr (WG) load_tile_swz_async<64, V3_THREADS>(smem_u32(sK + (c & 1) * KTE), kb + (size_t)c * CHUNK * kstride, kstride, rows_in(c), threadIdx.x);
+    else load_rows_async<D, V3_THREADS>(sK + (c & 1) * KTE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     load_rows_async<D, V3_THREADS>((bf16*)sV + (c & 1) * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
   };
 
@@ -2999,8 +3073,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
 
   for (int c = c_begin; c < c_end; c++) {
     const int cur = c & 1, prv = cur ^ 1;
-    const bf16* Kc = sK + cur * TL::TILE;
-    const bf16* Kp = sK + prv * TL::TILE;
+    const bf16* Kc = sK + cur * KTE;
+    const bf16* Kp = sK + prv * KTE;
     __half* Vc = sV + cur * TL::TILE;
     const __half* Vp = sV + prv * TL::TILE;
     const bool has_prev = c >= 1, has_state = c >= 2;
@@ -3018,7 +3092,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     if (hf == 0) {
       if (has_prev) {
         float ph[16][4];
-        feature_map_smem<D>(ph, Kp, row0, sWk);
+        feature_map_smem<D, WG>(ph, Kp, row0, sWk);
         const int j0 = (c - 1) * CHUNK + row0;
         store_phi<true>(sPK, LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
       }
@@ -3083,11 +3157,11 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
                                        [&](int kl, int) { return kl < s.sinks; });
       if (has_prev) {
         const int key0 = (c - 1) * CHUNK;
-        softmax_tile_half<64, !STAGE1>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale, col0,
-                                       [&](int kl, int rl) { return !SLIDING || kl > rl || key0 + kl < s.sinks; });
+        auto mask = [&](int kl, int rl) { return !SLIDING || kl > rl || key0 + kl < s.sinks; };
+        softmax_tile_half<64, !STAGE1, decltype(mask), WG>(o, m, l, best, barg, qf, Kp, Vp, key0, row0, s.scale, col0, mask);
       }
-      softmax_tile_half<64, !STAGE1>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, col0,
-                                     [&](int kl, int rl) { return kl <= rl; });
+      auto causal = [&](int kl, int rl) { return kl <= rl; };
+      softmax_tile_half<64, !STAGE1, decltype(causal), WG>(o, m, l, best, barg, qf, Kc, Vc, c * CHUNK, row0, s.scale, col0, causal);
     }
     #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -4156,34 +4230,6 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
 // straight from shared memory. Tiles are 64 rows x 128 bf16 in two 64-column halves of 8 KB, 128-byte
 // swizzled (16-byte chunk c of row r at chunk c ^ (r % 8)) as the descriptors read them, filled by
 // cp.async. The causal tile is computed whole (the mask zeroes the upper part), not skipped by 16-row blocks.
-constexpr int WG_TILE = 64 * 128 * 2;  // one swizzled 64 x 128 bf16 tile
-constexpr int WG_HALF = WG_TILE / 2;
-// rows [0, ROWS) of src (row stride in elements) into a swizzled tile of ROWS rows (halves of ROWS x 128 bytes) at
-// shared address dst; rows >= n_valid zero. Thread tid copies chunk tid % 16 of rows tid / 16 + 8 k: its swizzled
-// chunk is the same for all of them.
-template <int ROWS>
-__device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* src, size_t row_stride, int n_valid, int tid) {
-  const int c = tid & 15, r0 = tid >> 4;
-  uint32_t d = dst + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ r0) << 4);
-  const bf16* g = src + (size_t)r0 * row_stride + c * 8;
-  #pragma unroll
-  for (int k = 0; k < ROWS / 8; k++) {
-    const bool ok = r0 + 8 * k < n_valid;
-    cp_async16_s(d + k * 1024, ok ? g + (size_t)8 * k * row_stride : src, ok);
-  }
-}
-// The 4-byte word (columns 2 t', 2 t' + 1 of 8-column block nt, word = 4 nt + t') of row r of such a tile.
-__device__ __forceinline__ uint32_t swz_word(const unsigned char* tile, int half_bytes, int r, int word) {
-  const int nt = word >> 2;
-  return *(const uint32_t*)(tile + (nt >> 3) * half_bytes + r * 128 + (((nt & 7) ^ (r & 7)) << 4) + 4 * (word & 3));
-}
-template <int R, int C>
-__device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
-  #pragma unroll
-  for (int i = 0; i < R; i++)
-    #pragma unroll
-    for (int j = 0; j < C; j++) asm volatile("" : "+f"(r[i][j])::"memory");
-}
 struct WinWgLayout {  // byte offsets from the 1024-aligned base; BYTES includes the alignment slack
   static constexpr size_t K = 0, V = K + WG_TILE, Q = V + WG_TILE, DY = Q + 2 * WG_TILE, ST = DY + 2 * WG_TILE,
                           BYTES = ST + 2 * WST * 4 + 1024;
@@ -4793,10 +4839,11 @@ inline void mark(const char* stage, cudaStream_t stream) {
 
 // ---- fast path host side ----
 // Version 3 (8 warps, register state) serves d = 128 unless version 2 is asked for.
-// The full backward's window kernels in warpgroup MMA (Hopper, a binary with sm_90a code); the lab and the
-// tests set window_wgmma_off to run the mma.sync kernels, which every other GPU runs.
-inline bool window_wgmma_off = false;
-inline bool window_wgmma() { return !window_wgmma_off && attention_hopper::wgmma_available(); }
+// Warpgroup MMA (Hopper, a binary with sm_90a code): the version-3 forward's window scores and the full
+// backward's window kernels. The lab and the tests set wgmma_off to run the mma.sync code, which every other
+// GPU runs.
+inline bool wgmma_off = false;
+inline bool use_wgmma() { return !wgmma_off && attention_hopper::wgmma_available(); }
 inline bool uses_v3(const HybridAttnParams& p) { return p.d == 128 && p.impl != HYBRID_IMPL_TENSOR_V2; }
 // Whether a stage-1 forward keeps its feature maps for the backward (version 3; 2 x 256 bytes a row and head).
 inline bool keeps_phi(const HybridAttnParams& p) { return hybrid_uses_fast_path(p) && uses_v3(p); }
@@ -4853,10 +4900,14 @@ inline void fast_forward_d(const HybridAttnParams& p, const Shape& s, const bf16
   const dim3 grid(num_segments(p), p.H, p.B);
   if (uses_v3(p)) {
     const bool sliding = p.geometry == HYBRID_SLIDING;
-    auto kf = loss ? (sliding ? fast_forward_v3_kernel<true, true> : fast_forward_v3_kernel<false, true>)
-                   : (sliding ? fast_forward_v3_kernel<true, false> : fast_forward_v3_kernel<false, false>);
-    set_max_smem(kf, Fwd3Layout::BYTES);
-    kf<<<grid, V3_THREADS, Fwd3Layout::BYTES, stream>>>(fa);
+    const bool wg = use_wgmma();  // Hopper: q K^T of the window tiles in wgmma, K swizzled
+    auto kf = wg ? (loss ? (sliding ? fast_forward_v3_kernel<true, true, true> : fast_forward_v3_kernel<false, true, true>)
+                         : (sliding ? fast_forward_v3_kernel<true, false, true> : fast_forward_v3_kernel<false, false, true>))
+                 : (loss ? (sliding ? fast_forward_v3_kernel<true, true> : fast_forward_v3_kernel<false, true>)
+                         : (sliding ? fast_forward_v3_kernel<true, false> : fast_forward_v3_kernel<false, false>));
+    const size_t bytes = wg ? Fwd3LayoutT<true>::BYTES : Fwd3Layout::BYTES;
+    set_max_smem(kf, bytes);
+    kf<<<grid, V3_THREADS, bytes, stream>>>(fa);
   } else {
     set_max_smem(fast_forward_kernel<D>, FwdLayout<D>::BYTES);
     fast_forward_kernel<D><<<grid, 128, FwdLayout<D>::BYTES, stream>>>(fa);
@@ -4926,7 +4977,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     mark("bwd: dq maps", stream);
   }
   if (v3 && ba.want_window) {
-    if (window_wgmma()) {
+    if (use_wgmma()) {
       set_max_smem(fast_window_q_wg_kernel, WinQWgLayout::BYTES);
       fast_window_q_wg_kernel<<<dim3(s.NC, p.Hkv, p.B), 128, WinQWgLayout::BYTES, stream>>>(ba);
     } else {
@@ -4966,7 +5017,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     }
     ba.dk_out = grads.dk;
     ba.dv_out = grads.dv;
-    if (window_wgmma()) {
+    if (use_wgmma()) {
       set_max_smem(fast_window_kv_wg_kernel, WinWgLayout::BYTES);
       fast_window_kv_wg_kernel<<<dim3(s.NC, p.Hkv, p.B), 128, WinWgLayout::BYTES, stream>>>(ba);
     } else {

@@ -7,7 +7,7 @@ CPU reference (reference/hybrid_ref.h, fp64) on fresh random inputs, then timed 
   dev/build/hybrid_attention            # all versions
   dev/build/hybrid_attention 2          # one version
   dev/build/hybrid_attention 2 3 --quick  # versions 2 and 3, T = 1024 and 4096 only
-  dev/build/hybrid_attention 3 --quick --mma-window  # the full backward's window kernels in mma.sync, not wgmma
+  dev/build/hybrid_attention 3 --quick --no-wgmma  # version 3 without warpgroup MMA (as on GPUs before Hopper)
   dev/build/hybrid_attention 3 --once 1024  # two stage-1 and two full passes at T = 1024, nothing else (for
                                             # a profiler: skip the first pass's kernels with --launch-skip)
 
@@ -21,8 +21,8 @@ version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the backward's state ke
            stateless window kernels (a block per chunk and kv head looping over the GQA group: dq per query
            chunk; dk, dv per key chunk with the next (head, query chunk)'s tiles and row statistics arriving
            by cp.async while one computes) and a second state walk for dv = phi_k R (R^T by head-dim rows).
-           On Hopper the two window kernels are warpgroup-MMA (wgmma) versions; --mma-window runs the mma.sync
-           ones instead (what other GPUs run), for comparison.
+           On Hopper the forward's window scores and the two backward window kernels use warpgroup MMA
+           (wgmma); --no-wgmma runs the mma.sync code instead (what other GPUs run), for comparison.
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv; `saved` has room for the feature maps, so version 3 keeps them, and a last line
@@ -335,7 +335,7 @@ int main(int argc, char** argv) {
   int once_T = 0;
   for (int i = 1; i < argc; i++) {
     if (std::string(argv[i]) == "--quick") quick = true;
-    else if (std::string(argv[i]) == "--mma-window") hybrid_detail::window_wgmma_off = true;
+    else if (std::string(argv[i]) == "--no-wgmma") hybrid_detail::wgmma_off = true;
     else if (std::string(argv[i]) == "--once") {
       if (i + 1 >= argc || (once_T = atoi(argv[i + 1])) < 1) fatal("--once needs a sequence length T >= 1");
       i++;

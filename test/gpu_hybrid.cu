@@ -367,9 +367,9 @@ TEST(HybridGpu, MmaSyncWindowKernelsMatchReference) {
   for (int T : {100, 1024})
     for (Case c : product(T, 1, 5))
       if (c.d == 128) cases.push_back(c);
-  hybrid_detail::window_wgmma_off = true;
+  hybrid_detail::wgmma_off = true;
   run_cases(cases, 7500);
-  hybrid_detail::window_wgmma_off = false;
+  hybrid_detail::wgmma_off = false;
 }
 
 // Shapes off the tensor-core path (d not 64/128, or f < 64) run the plain kernels; same function.
