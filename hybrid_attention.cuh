@@ -2921,6 +2921,31 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16_kb(float* d, const uint32_t (
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
+// d (64 x 64 fp32) (+)= A (64 x 16 f16, registers) * B (64 x 16 f16, smem desc, K-major).
+__device__ __forceinline__ void wgmma_rs_m64n64k16_f16_kb(float* d, const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+// d (64 x 128 fp32) += A (64 x 16 f16, registers) * B (16 x 128 f16, smem desc, MN-major: transposed).
+__device__ __forceinline__ void wgmma_rs_m64n128k16_f16_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+// The byte offset of element (r, col) of a 64-row swizzled tile of 16-bit values.
+__device__ __forceinline__ int swz_off(int r, int col) {
+  return (col >> 6) * WG_HALF + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) + 2 * (col & 7);
+}
+// B of two n-tiles (frag_b_nk's layout: B[k][n] = tile[n][k]) from a 64-row swizzled tile.
+__device__ __forceinline__ void frag_b_nk_swz(uint32_t (&b)[4], const void* tile, int n0, int k0) {
+  const int l = lane_id(), mi = l >> 3, rr = l & 7;
+  ldsm_x4(b, (const unsigned char*)tile + swz_off(n0 + rr + 8 * (mi >> 1), k0 + 8 * (mi & 1)));
+}
 // sc (this warp's 16 rows x 64 keys, C layout) = X K^T, X the warp's register A fragments (8 k-steps over d = 128),
 // K a swizzled 64-key tile: one wgmma chain by the whole warpgroup (Hopper; the forward's version-3 path there).
 __device__ __forceinline__ void mul_x_keys_wg(float (&sc)[8][4], const uint32_t (&X)[8][4], const bf16* K) {
@@ -2979,20 +3004,98 @@ __device__ __forceinline__ void softmax_tile_half(float (&o)[8][4], float (&m)[2
   mul_a_tile_half<true, NKEYS / 16>(o, pa, V, Tiles<128>::LDT, col0);
 }
 
+// ---- version-3 forward on Hopper: the state products as wgmma on swizzled feature tiles ----
+// store_phi into a 64-row swizzled tile (f16).
+__device__ __forceinline__ void store_phi_swz(void* tile, int r0, const float (&ph)[16][4], bool keep_g, bool keep_g8) {
+  const int l = lane_id(), g = l >> 2, t = l & 3;
+  unsigned char* base = (unsigned char*)tile;
+  #pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const float a0 = keep_g ? ph[j][0] : 0.0f, a1 = keep_g ? ph[j][1] : 0.0f;
+    const float a2 = keep_g8 ? ph[j][2] : 0.0f, a3 = keep_g8 ? ph[j][3] : 0.0f;
+    *(uint32_t*)(base + swz_off(r0 + g, 8 * j + 2 * t)) = pack_f16(a0, a1);
+    *(uint32_t*)(base + swz_off(r0 + g + 8, 8 * j + 2 * t)) = pack_f16(a2, a3);
+  }
+}
+// column_sum_update<true> over a swizzled f16 tile: sZ[f] += sum of column f (thread f).
+__device__ __forceinline__ void column_sum_update_swz(float* sZ, const void* Phi, int f = threadIdx.x) {
+  const unsigned char* P = (const unsigned char*)Phi;
+  float acc = 0.0f;
+  #pragma unroll
+  for (int r = 0; r < 64; r++) acc += f16_bits_to_float(*(const unsigned short*)(P + swz_off(r, f)));
+  sZ[f] += acc;
+}
+// store_rows_v3 from a swizzled tile.
+__device__ __forceinline__ void store_rows_v3_swz(unsigned short* dst, size_t stride, const void* src, int pos0, int T) {
+  const int cc = threadIdx.x & 15, r0 = threadIdx.x >> 4;
+  dst += r0 * stride + 8 * cc;
+  const unsigned char* sp = (const unsigned char*)src + swz_off(r0, 8 * cc);  // r0 + 16 k: the same chunk
+  #pragma unroll
+  for (int k = 0; k < 4; k++)
+    if (pos0 + r0 + 16 * k < T) *(uint4*)(dst + 16 * k * stride) = *(const uint4*)(sp + 16 * k * 128);
+}
+// out (this warp's 16 d-rows x 64 queries) = S^T X^T: state_times_tile_t<true> with X a swizzled f16 tile, as
+// one wgmma chain of the warpgroup (each warp's A fragments scaled by its own power of two, undone after).
+__device__ __forceinline__ void state_times_tile_t_wg(float (&out)[8][4], const float (&st)[16][4], const void* X) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  float inv;
+  const float sc = warp_f16_scale(st, &inv);
+  uint32_t a[8][4];
+  #pragma unroll
+  for (int k = 0; k < 8; k++) {
+    a[k][0] = pack_f16(st[2 * k][0] * sc, st[2 * k][1] * sc);
+    a[k][1] = pack_f16(st[2 * k][2] * sc, st[2 * k][3] * sc);
+    a[k][2] = pack_f16(st[2 * k + 1][0] * sc, st[2 * k + 1][1] * sc);
+    a[k][3] = pack_f16(st[2 * k + 1][2] * sc, st[2 * k + 1][3] * sc);
+  }
+  const uint32_t x = smem_u32(X);
+  wgmma_fence();
+  #pragma unroll
+  for (int k = 0; k < 8; k++)
+    wgmma_rs_m64n64k16_f16_kb(&out[0][0], a[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_acc(out);
+  #pragma unroll
+  for (int n = 0; n < 8; n++)
+    #pragma unroll
+    for (int e = 0; e < 4; e++) out[n][e] *= inv;
+#endif
+}
+// st (this warp's 16 d-rows of S^T) += A^T Y: state_accumulate<true> with A the padded f16 V tile (register A
+// fragments) and Y a swizzled f16 feature tile (an MN-major B), one wgmma chain of the warpgroup.
+__device__ __forceinline__ void state_accumulate_wg(float (&st)[16][4], const void* A, int lda, int m0, const void* Y) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  uint32_t aa[4][4];
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) frag_a_t(aa[kk], (const unsigned short*)A, lda, m0, 16 * kk);
+  const uint32_t y = smem_u32(Y);
+  fence_acc(st);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_f16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_acc(st);
+#endif
+}
+
 // ---- forward, version 3 ----
 // Per chunk c: (A) warps 0-3 phi_k of chunk c-1, warps 4-7 phi_q of chunk c and its linear denominator
 // phi_q . z; (B) every warp: its 16 d-rows of numL^T = S^T phi_q^T (to the shared fp32 tile), then
 // S^T += V_{c-1}^T phi_k(c-1); (C) warp (row group rg, half hf) the softmax tiles of rows [16 rg, +16) for
 // head-dim columns [64 hf, +64) (plus the sliding masked term); (D) output and the fused stage-1 loss, the
 // two halves' row sums combined through shared memory in a fixed order.
-// WG (Hopper): the K tiles 128-byte swizzled (16 KB each, first, on the 1024-aligned base: BYTES has the slack),
-// for q K^T as wgmma with K read from shared memory.
+// WG (Hopper): the K tiles and the feature tiles 128-byte swizzled (16 KB each, first, on the 1024-aligned base:
+// BYTES has the slack), for q K^T and the state products as wgmma reading them from shared memory.
 template <bool WG>
 struct Fwd3LayoutT {
   using TL = Tiles<128>;
-  static constexpr size_t K_TILE = WG ? 64 * 128 * 2 : TL::TILE * 2;
-  static constexpr size_t K = 0, Q = K + 2 * K_TILE, V = Q + TL::TILE * 2, WQ = V + 2 * TL::TILE * 2,
-                          WK = WQ + TL::WT * 2, PK = WK + TL::WT * 2, PQ = PK + TL::PT * 2, NUM = PQ + TL::PT * 2,
+  static constexpr size_t K_TILE = WG ? WG_TILE : TL::TILE * 2, P_TILE = WG ? WG_TILE : TL::PT * 2;
+  static constexpr size_t K = 0, PK = K + 2 * K_TILE, PQ = PK + P_TILE, Q = PQ + P_TILE, V = Q + TL::TILE * 2,
+                          WQ = V + 2 * TL::TILE * 2, WK = WQ + TL::WT * 2, NUM = WK + TL::WT * 2,
                           SK = NUM + 64 * V3_LDN * 4, SV = SK + 16 * TL::LDT * 2, Z = SV + 16 * TL::LDT * 2,
                           LL = Z + NF * 4, RED = LL + 64 * 4, YT = RED + 2 * 3 * 64 * 4,
                           BYTES = YT + TL::TILE * 2 + (WG ? 1024 : 0);
@@ -3094,12 +3197,14 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         float ph[16][4];
         feature_map_smem<D, WG>(ph, Kp, row0, sWk);
         const int j0 = (c - 1) * CHUNK + row0;
-        store_phi<true>(sPK, LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+        if constexpr (WG) store_phi_swz(sPK, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
+        else store_phi<true>(sPK, LDP, row0, ph, j0 + g >= s.sinks, j0 + g + 8 >= s.sinks);
       }
     } else {
       float ph[16][4];
       feature_map_smem<D>(ph, sQ, row0, sWq);
-      store_phi<true>(sPQ, LDP, row0, ph, true, true);
+      if constexpr (WG) store_phi_swz(sPQ, row0, ph, true, true);
+      else store_phi<true>(sPQ, LDP, row0, ph, true, true);
       if (has_state) {  // from the f16-rounded features: the values the numerator's products use
         float l0 = 0.0f, l1 = 0.0f;
         #pragma unroll
@@ -3118,26 +3223,36 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       // copy below by the fixed pattern of store_rows_v3: forward + loss 0.397 -> 0.383 ms)
       static_assert(NF == 128, "store_rows_v3 copies 128 values a row");
       const size_t pstride = (size_t)s.H * NF;
-      store_rows_v3((unsigned short*)a.sv.phi_q + row_index(s, b, c * CHUNK, h) * NF, pstride, (const unsigned short*)sPQ, LDP,
-                    c * CHUNK, s.T);
-      if (has_prev)
-        store_rows_v3((unsigned short*)a.sv.phi_k + row_index(s, b, (c - 1) * CHUNK, h) * NF, pstride, (const unsigned short*)sPK,
-                      LDP, (c - 1) * CHUNK, s.T);
+      unsigned short* pq = (unsigned short*)a.sv.phi_q + row_index(s, b, c * CHUNK, h) * NF;
+      unsigned short* pk = (unsigned short*)a.sv.phi_k + row_index(s, b, has_prev ? (c - 1) * CHUNK : 0, h) * NF;
+      if constexpr (WG) {
+        store_rows_v3_swz(pq, pstride, sPQ, c * CHUNK, s.T);
+        if (has_prev) store_rows_v3_swz(pk, pstride, sPK, (c - 1) * CHUNK, s.T);
+      } else {
+        store_rows_v3(pq, pstride, (const unsigned short*)sPQ, LDP, c * CHUNK, s.T);
+        if (has_prev) store_rows_v3(pk, pstride, (const unsigned short*)sPK, LDP, (c - 1) * CHUNK, s.T);
+      }
     }
 
     // (B) the state: numL^T for this warp's 16 d-rows, then the update with chunk c-1 (z: threads < 128,
     // after every read of z, which happened in (A)).
     if (has_state) {
       float nl[8][4];
-      state_times_tile_t<true>(nl, st, sPQ, LDP);
+      if constexpr (WG) state_times_tile_t_wg(nl, st, sPQ);
+      else state_times_tile_t<true>(nl, st, sPQ, LDP);
       #pragma unroll
       for (int n = 0; n < 8; n++)
         #pragma unroll
         for (int e = 0; e < 4; e++) sNum[(8 * n + 2 * t + (e & 1)) * LDN + 16 * warp + g + 8 * (e >> 1)] = nl[n][e];
     }
     if (has_prev) {
-      state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
-      if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
+      if constexpr (WG) {
+        state_accumulate_wg(st, Vp, LDT, 16 * warp, sPK);
+        if (tid < NF) column_sum_update_swz(sZ, sPK);
+      } else {
+        state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
+        if (tid < NF) column_sum_update<true>(sZ, sPK, LDP, nullptr);
+      }
     }
 
     // (C) the softmax part (sinks as their own tile from chunk 2 on, chunk c-1, the causal part of chunk c)
@@ -3182,11 +3297,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
       #pragma unroll
       for (int k = 0; k < 8; k++) {
         uint32_t pa[4];
-        frag_a(pa, sPQ, LDP, row0, 16 * k);
+        if constexpr (WG) frag_a_swz(pa, sPQ, row0, 16 * k);
+        else frag_a(pa, sPQ, LDP, row0, 16 * k);
         #pragma unroll
         for (int np = 0; np < 4; np++) {
           uint32_t bb[4];
-          frag_b_nk(bb, sPK, LDP, 16 * np, 16 * k);
+          if constexpr (WG) frag_b_nk_swz(bb, sPK, 16 * np, 16 * k);
+          else frag_b_nk(bb, sPK, LDP, 16 * np, 16 * k);
           mma_f16(bm[2 * np], pa, bb[0], bb[1]);
           mma_f16(bm[2 * np + 1], pa, bb[2], bb[3]);
         }
