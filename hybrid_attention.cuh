@@ -2966,6 +2966,19 @@ __device__ __forceinline__ void frag_a_t_swz(uint32_t (&a)[4], const void* tile,
   const int l = lane_id(), mi = l >> 3, rr = l & 7;
   ldsm_x4_t(a, (const unsigned char*)tile + swz_off(k0 + rr + 8 * (mi >> 1), m0 + 8 * (mi & 1)));
 }
+// mul_a_tile_half<true> (mma.sync) with Y a swizzled f16 tile: B[k][n] = Y[k][n] by ldmatrix.trans.
+__device__ __forceinline__ void mul_a_tile_half_swz(float (&acc)[8][4], const uint32_t (&A)[4][4], const void* Y, int col0) {
+  const int l = lane_id(), mi = l >> 3, rr = l & 7;
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++)
+    #pragma unroll
+    for (int np = 0; np < 4; np++) {
+      uint32_t bb[4];
+      ldsm_x4_t(bb, (const unsigned char*)Y + swz_off(16 * kk + rr + 8 * (mi & 1), col0 + 16 * np + 8 * (mi >> 1)));
+      mma_f16(acc[2 * np], A[kk], bb[0], bb[1]);
+      mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]);
+    }
+}
 // acc (this warp's 16 rows x columns [col0, col0 + 64)) += A (16 x 64 keys, f16 A fragments) . V, V a swizzled
 // f16 64-key tile: mul_a_tile_half<true> as one wgmma chain of the warpgroup.
 __device__ __forceinline__ void mul_a_tile_half_wg(float (&acc)[8][4], const uint32_t (&A)[4][4], const void* V, int col0) {
@@ -3361,7 +3374,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
         }
       uint32_t pa[4][4];
       pack_c_to_a<true, 8>(pa, bm);
-      if constexpr (WG) mul_a_tile_half_wg(ol, pa, Vp, col0);
+      if constexpr (WG) mul_a_tile_half_swz(ol, pa, Vp, col0);  // (as wgmma: 12 bytes of spills)
       else mul_a_tile_half<true>(ol, pa, Vp, LDT, col0);
       lls[0] = quad_sum(lls[0]);
       lls[1] = quad_sum(lls[1]);
