@@ -2908,11 +2908,6 @@ __device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* sr
     cp_async16_s(d + k * RP * 128, ok ? g + (size_t)RP * k * row_stride : src, ok);
   }
 }
-// The 4-byte word (columns 2 t', 2 t' + 1 of 8-column block nt, word = 4 nt + t') of row r of such a tile.
-__device__ __forceinline__ uint32_t swz_word(const unsigned char* tile, int half_bytes, int r, int word) {
-  const int nt = word >> 2;
-  return *(const uint32_t*)(tile + (nt >> 3) * half_bytes + r * 128 + (((nt & 7) ^ (r & 7)) << 4) + 4 * (word & 3));
-}
 template <int R, int C>
 __device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
   #pragma unroll
@@ -4106,6 +4101,97 @@ static __global__ void __launch_bounds__(DUW_WARPS * 32, 2) du_weights_kernel(Du
 // causal part of chunk c), ds = A (g.v - delta), its row sums (-dm_i, for the max's gradient on the key
 // side, and the window factor's term), and
 // dq = du_q Wq^T (the feature-map part, which du_weights_kernel wrote into dq) + ds K / sqrt(d) + dm_i k_{j*} / sqrt(d).
+// ---- pieces shared by the two window dq kernels (mma.sync and wgmma) ----
+// A head's row statistics: den, delta, m, arg max [4][64] at st, the window logit at st[256]; cp.async, not
+// committed (loaded into registers at the top of their head, they stalled every warp: ncu, 9 % of the samples).
+__device__ __forceinline__ void window_q_stats_async(float* st, const FastBwdArgs& a, int b, int c, int h, int rows, int tid) {
+  const Shape& s = a.s;
+  if (tid < 64) {
+    const bool ok = tid < rows;
+    const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
+    cp_async4(st + tid, a.sv.row_den + ri, ok);
+    cp_async4(st + 64 + tid, a.sv.row_delta + ri, ok);
+    cp_async4(st + 128 + tid, a.sv.row_max + ri, ok);
+    cp_async4(st + 192 + tid, a.sv.row_argmax + ri, ok);
+  } else if (tid == 64) {
+    cp_async4(st + 256, a.wlogit + h, true);
+  }
+}
+// Zeroes rows [c * 64, + rows) of kv head hk's dv accumulator (the dv pass adds into it next): no memset pass.
+template <int D>
+__device__ __forceinline__ void zero_dv_acc_rows(const FastBwdArgs& a, int b, int c, int hk, int rows, int tid) {
+  if (!a.dv_acc) return;
+  float4* z = (float4*)(a.dv_acc + kv_index(a.s, b, c * CHUNK, hk) * D);
+  for (int r = tid / (D / 4); r < rows; r += 128 / (D / 4)) z[(size_t)r * a.s.Hkv * (D / 4) + tid % (D / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
+}
+// The thread's two dq rows (i0 + g, + 8) of head h in the C layout: the feature-map part du_q Wq^T that
+// du_weights_kernel wrote into dq (each thread reads the words it will write); zero without dq.
+template <int D>
+__device__ __forceinline__ void load_dq_rows(float (&dqa)[D / 8][4], const FastBwdArgs& a, int b, int i0, int h, const bool (&valid)[2]) {
+  const int t = lane_id() & 3, g = lane_id() >> 2;
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const uint32_t* src = (const uint32_t*)(a.dq + row_index(a.s, b, valid[r] ? i0 + g + 8 * r : 0, h) * D) + t;
+    #pragma unroll
+    for (int nt = 0; nt < D / 8; nt++) {
+      const uint32_t x = a.dq && valid[r] ? src[4 * nt] : 0u;
+      dqa[nt][2 * r] = bf16_lo(x);
+      dqa[nt][2 * r + 1] = bf16_hi(x);
+    }
+  }
+}
+// The thread's rows' statistics from a head's block (window_q_stats_async's layout).
+__device__ __forceinline__ WinRows window_q_rows(const float* st, int rl0, const bool (&valid)[2], int (&arg)[2]) {
+  float inv[2], delta[2], m[2];
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int rl = rl0 + 8 * r;
+    inv[r] = valid[r] ? 1.0f / st[rl] : 0.0f;
+    delta[r] = st[64 + rl];
+    m[r] = st[128 + rl];
+    arg[r] = __float_as_int(st[192 + rl]);
+  }
+  return win_rows(m, inv, delta, sigmoidf_(st[256]));
+}
+// Where key row j's words are: the 4-byte word 4 nt + t (columns 8 nt + 2 t, + 1) at byte p + (nt / 8) half +
+// ((nt % 8) ^ x) 16 + 4 t. A plain row (global memory): half 128, x 0; row r of a swizzled tile: p its row
+// start, half the tile's half size, x = r % 8.
+struct KRow {
+  const unsigned char* p;
+  int half, x;
+};
+// The end of a head in fast_window_q_wg_kernel: the row sums give dm_i (for the dk/dv kernel) and the window
+// term (dw); the max moved s_{i, j*}, so dq_i += dm_i k_{j*} / sqrt(d), k_row(j) saying where key row j is; then
+// dq goes out as bf16.
+template <int D, class KROW>
+__device__ __forceinline__ void window_q_finish(float (&dqa)[D / 8][4], float (&rowsum)[2], const int (&arg)[2],
+                                                const bool (&valid)[2], const FastBwdArgs& a, int b, int i0, int h,
+                                                KROW k_row) {
+  const int t = lane_id() & 3, g = lane_id() >> 2;
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    rowsum[r] = quad_sum(rowsum[r]);
+    if (!valid[r]) continue;
+    const size_t ri = row_index(a.s, b, i0 + g + 8 * r, h);
+    if (t == 0) {
+      a.dm[ri] = -rowsum[r];
+      a.sv.row_wgrad[ri] = rowsum[r];
+    }
+    if (a.dq) {
+      const float f = -rowsum[r] * a.s.scale;
+      const KRow kr = k_row(arg[r]);
+      #pragma unroll
+      for (int nt = 0; nt < D / 8; nt++) {
+        const uint32_t kv2 = *(const uint32_t*)(kr.p + (nt >> 3) * kr.half + (((nt & 7) ^ kr.x) << 4) + 4 * t);
+        dqa[nt][2 * r] += f * bf16_lo(kv2);
+        dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
+      }
+      uint32_t* dst = (uint32_t*)(a.dq + ri * D);
+      #pragma unroll
+      for (int nt = 0; nt < D / 8; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
+    }
+  }
+}
 template <int D>
 struct WinQLayout {
   using TL = Tiles<D>;
@@ -4133,22 +4219,10 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   const bf16* vb = a.v + kv_index(s, b, 0, hk) * D;
   auto rows_in = [&](int cc) { return min(CHUNK, s.T - cc * CHUNK); };
   const bool sliding = s.geometry == HYBRID_SLIDING, has_prev = c >= 1, sink_tile = s.sinks > 0 && c >= 2;
-  // A head's query tile and row statistics (cp.async, like the tiles: loaded into registers at the top of
-  // their head, the statistics stalled every warp, ncu: 9 % of the samples).
-  auto load_q = [&](int hh) {
+  auto load_q = [&](int hh) {  // a head's query tile and row statistics (cp.async, like the tiles)
     const int h = hk * s.group + hh;
     load_rows_async<D>(sQ + (hh & 1) * TL::TILE, LDT, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, 64, rows_in(c));
-    float* st = sSt + (hh & 1) * LY::STW;
-    if (tid < 64) {
-      const bool ok = tid < rows_in(c);
-      const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
-      cp_async4(st + tid, a.sv.row_den + ri, ok);
-      cp_async4(st + 64 + tid, a.sv.row_delta + ri, ok);
-      cp_async4(st + 128 + tid, a.sv.row_max + ri, ok);
-      cp_async4(st + 192 + tid, a.sv.row_argmax + ri, ok);
-    } else if (tid == 64) {
-      cp_async4(st + 256, a.wlogit + h, true);
-    }
+    window_q_stats_async(sSt + (hh & 1) * LY::STW, a, b, c, h, rows_in(c), tid);
   };
   load_q(0);
   for (int u = has_prev ? 0 : 1; u < 2; u++) {
@@ -4161,10 +4235,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     load_rows_async<D>(sSV, LDT, vb, kstride, 16, s.sinks);
   }
   cp_async_commit();
-  if (a.dv_acc) {  // zero this block's rows of the dv accumulator (the dv pass adds into it next): no memset pass
-    float4* z = (float4*)(a.dv_acc + kv_index(s, b, c * CHUNK, hk) * D);
-    for (int r = tid / (D / 4); r < rows_in(c); r += 128 / (D / 4)) z[(size_t)r * s.Hkv * (D / 4) + tid % (D / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  zero_dv_acc_rows<D>(a, b, c, hk, rows_in(c), tid);
   const int row0 = 16 * warp, i0 = c * CHUNK + row0;
   const bool want_dq = a.dq != nullptr;
   bool valid[2];
@@ -4193,32 +4264,11 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     uint32_t dyf[KT][4];
     frag_a_global<D>(dyf, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, row0, rows_in(c));
     float dqa[NT][4];
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const uint32_t* src = (const uint32_t*)(a.dq + row_index(s, b, valid[r] ? i0 + g + 8 * r : 0, h) * D) + t;
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const uint32_t x = want_dq && valid[r] ? src[4 * nt] : 0u;
-        dqa[nt][2 * r] = bf16_lo(x);
-        dqa[nt][2 * r + 1] = bf16_hi(x);
-      }
-    }
+    load_dq_rows<D>(dqa, a, b, i0, h, valid);
     cp_async_wait<1>();  // everything but the next head's query tile and statistics
     __syncthreads();
-    float inv[2], delta[2], m[2];
     int arg[2];
-    {
-      const float* st = sSt + (hh & 1) * LY::STW;
-      #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const int rl = row0 + g + 8 * r;
-        inv[r] = valid[r] ? 1.0f / st[rl] : 0.0f;
-        delta[r] = st[64 + rl];
-        m[r] = st[128 + rl];
-        arg[r] = __float_as_int(st[192 + rl]);
-      }
-    }
-    const WinRows wr = win_rows(m, inv, delta, sigmoidf_(sSt[(hh & 1) * LY::STW + 256]));
+    const WinRows wr = window_q_rows(sSt + (hh & 1) * LY::STW, row0 + g, valid, arg);
 
     float rowsum[2] = {0.0f, 0.0f};
     if (sink_tile)
@@ -4231,6 +4281,12 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
     }
     window_grad_tile<D, 64>(dqa, rowsum, Q, row0, dyf, sK + TL::TILE, sV + TL::TILE, wr, s.scale, want_dq,
                             [&](int kl, int rl) { return kl <= rl; }, warp + 1);
+    // k_{j*}: j* is a softmax key, so its row is in shared memory (sink tile, chunk c-1 or c): no dependent
+    // global load at the end of every head (global only if the saved arg max were outside the window)
+    // The row sums give dm_i (for the dk/dv kernel) and the window term (dw); the max moved s_{i, j*}, so
+    // dq_i += dm_i k_{j*} / sqrt(d). j* is a softmax key, so its row is in shared memory (sink tile, chunk c-1
+    // or c): no dependent global load at the end of every head (global only if the saved arg max were outside
+    // the window). (window_q_finish, which the wgmma kernel uses, costs this kernel 96 bytes of spills, not 20.)
     #pragma unroll
     for (int r = 0; r < 2; r++) {
       rowsum[r] = quad_sum(rowsum[r]);
@@ -4240,9 +4296,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
         a.dm[ri] = -rowsum[r];
         a.sv.row_wgrad[ri] = rowsum[r];
       }
-      if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d)
-        // j* is a softmax key, so its row is in shared memory (sink tile, chunk c-1 or c): no dependent
-        // global load at the end of every head (global only if the saved arg max were outside the window)
+      if (want_dq) {
         const int j = arg[r], slot = j / CHUNK - (c - 1);
         const uint32_t* kr = (const uint32_t*)(sink_tile && j < s.sinks ? sSK + j * LDT
                                                : (slot == 1 || (slot == 0 && has_prev)) ? sK + slot * TL::TILE + (j % CHUNK) * LDT
@@ -4619,7 +4673,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwd
   constexpr int D = 128, NT = 16, SINK_HALF = 16 * 128;
   const Shape& s = a.s;
   const int c = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
+  const int tid = threadIdx.x, warp = tid >> 5, g = (tid & 31) >> 2;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;
   const unsigned char* base_ptr = smem_raw + (base - smem_u32(smem_raw));
@@ -4635,17 +4689,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwd
     const int h = hk * s.group + hh;
     load_tile_swz_async<64>(sQ, a.q + row_index(s, b, c * CHUNK, h) * D, qstride, rows_in(c), tid);
     load_tile_swz_async<64>(sDY, a.dy + row_index(s, b, c * CHUNK, h) * D, qstride, rows_in(c), tid);
-    float* st = sSt + (hh & 1) * LY::STW;
-    if (tid < 64) {
-      const bool ok = tid < rows_in(c);
-      const size_t ri = row_index(s, b, ok ? c * CHUNK + tid : 0, h);
-      cp_async4(st + tid, a.sv.row_den + ri, ok);
-      cp_async4(st + 64 + tid, a.sv.row_delta + ri, ok);
-      cp_async4(st + 128 + tid, a.sv.row_max + ri, ok);
-      cp_async4(st + 192 + tid, a.sv.row_argmax + ri, ok);
-    } else if (tid == 64) {
-      cp_async4(st + 256, a.wlogit + h, true);
-    }
+    window_q_stats_async(sSt + (hh & 1) * LY::STW, a, b, c, h, rows_in(c), tid);
   };
   load_head(0);
   for (int u = has_prev ? 0 : 1; u < 2; u++) {
@@ -4658,10 +4702,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwd
     load_tile_swz_async<16>(sSV, vb, kstride, s.sinks, tid);
   }
   cp_async_commit();
-  if (a.dv_acc) {  // zero this block's rows of the dv accumulator (the dv pass adds into it next), as fast_window_q_kernel
-    float4* z = (float4*)(a.dv_acc + kv_index(s, b, c * CHUNK, hk) * D);
-    for (int r = tid / (D / 4); r < rows_in(c); r += 128 / (D / 4)) z[(size_t)r * s.Hkv * (D / 4) + tid % (D / 4)] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  zero_dv_acc_rows<D>(a, b, c, hk, rows_in(c), tid);
   const int row0 = 16 * warp, i0 = c * CHUNK + row0;
   const bool want_dq = a.dq != nullptr;
   bool valid[2];
@@ -4675,33 +4716,12 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwd
       const int rn = tid >> 1, i = c * CHUNK + rn;
       if (rn < rows_in(c)) prefetch_l2(a.dq + row_index(s, b, i, h + 1) * D + 64 * (tid & 1));
     }
-    float dqa[NT][4];  // the feature-map part du_q Wq^T (du_weights_kernel, in dq itself)
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      const uint32_t* src = (const uint32_t*)(a.dq + row_index(s, b, valid[r] ? i0 + g + 8 * r : 0, h) * D) + t;
-      #pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const uint32_t x = want_dq && valid[r] ? src[4 * nt] : 0u;
-        dqa[nt][2 * r] = bf16_lo(x);
-        dqa[nt][2 * r + 1] = bf16_hi(x);
-      }
-    }
+    float dqa[NT][4];
+    load_dq_rows<D>(dqa, a, b, i0, h, valid);
     cp_async_wait<0>();
     __syncthreads();
-    float inv[2], delta[2], m[2];
     int arg[2];
-    {
-      const float* st = sSt + (hh & 1) * LY::STW;
-      #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const int rl = row0 + g + 8 * r;
-        inv[r] = valid[r] ? 1.0f / st[rl] : 0.0f;
-        delta[r] = st[64 + rl];
-        m[r] = st[128 + rl];
-        arg[r] = __float_as_int(st[192 + rl]);
-      }
-    }
-    const WinRows wr = win_rows(m, inv, delta, sigmoidf_(sSt[(hh & 1) * LY::STW + 256]));
+    const WinRows wr = window_q_rows(sSt + (hh & 1) * LY::STW, row0 + g, valid, arg);
     auto nothing = [] {};
     auto next_head = [&] {  // every warp's last s, dP products have read q, dy: the next head's may come in
       __syncthreads();
@@ -4719,33 +4739,12 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_wg_kernel(FastBwd
     }
     window_q_tile_wg<64>(dqa, rowsum, sQ, sDY, sK + WG_TILE, sV + WG_TILE, wr, s.scale, want_dq, row0,
                          [&](int kl, int rl) { return kl <= rl; }, next_head);
-    #pragma unroll
-    for (int r = 0; r < 2; r++) {
-      rowsum[r] = quad_sum(rowsum[r]);
-      if (!valid[r]) continue;
-      const size_t ri = row_index(s, b, i0 + g + 8 * r, h);
-      if (t == 0) {
-        a.dm[ri] = -rowsum[r];
-        a.sv.row_wgrad[ri] = rowsum[r];
-      }
-      if (want_dq) {  // the max moved s_{i, j*}: dq_i += dm_i k_{j*} / sqrt(d), k_{j*} from the tiles
-        const int j = arg[r], slot = j / CHUNK - (c - 1);
-        const bool in_sinks = sink_tile && j < s.sinks, in_tiles = slot == 1 || (slot == 0 && has_prev);
-        const unsigned char* tile = in_sinks ? base_ptr + LY::SK : base_ptr + LY::K + slot * WG_TILE;
-        const int half = in_sinks ? SINK_HALF : WG_HALF, kr = in_sinks ? j : j % CHUNK;
-        const uint32_t* kg = (const uint32_t*)(a.k + kv_index(s, b, j, hk) * D);
-        const float f = -rowsum[r] * s.scale;
-        #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          const uint32_t kv2 = in_sinks || in_tiles ? swz_word(tile, half, kr, 4 * nt + t) : kg[4 * nt + t];
-          dqa[nt][2 * r] += f * bf16_lo(kv2);
-          dqa[nt][2 * r + 1] += f * bf16_hi(kv2);
-        }
-        uint32_t* dst = (uint32_t*)(a.dq + ri * D);
-        #pragma unroll
-        for (int nt = 0; nt < NT; nt++) dst[4 * nt + t] = pack_bf16(dqa[nt][2 * r], dqa[nt][2 * r + 1]);
-      }
-    }
+    window_q_finish<D>(dqa, rowsum, arg, valid, a, b, i0, h, [&](int j) {  // k_{j*} from the swizzled tiles
+      const int slot = j / CHUNK - (c - 1);
+      if (sink_tile && j < s.sinks) return KRow{base_ptr + LY::SK + j * 128, SINK_HALF, j & 7};
+      if (slot == 1 || (slot == 0 && has_prev)) return KRow{base_ptr + LY::K + slot * WG_TILE + (j % CHUNK) * 128, WG_HALF, j & 7};
+      return KRow{(const unsigned char*)(a.k + kv_index(s, b, j, hk) * D), 128, 0};
+    });
   }
   cp_async_wait<0>();
 #else

@@ -360,9 +360,10 @@ TEST(HybridGpu, Version2MatchesReferenceT1024) {
   run_cases(cases, 7000);
 }
 
-// On Hopper the full backward's window kernels are the warpgroup-MMA ones (every case above); the mma.sync
-// ones, which other GPUs run, must stay correct: the d = 128 cases of T = 100 and T = 1024 on them.
-TEST(HybridGpu, MmaSyncWindowKernelsMatchReference) {
+// On Hopper the version-3 kernels issue their main products as warpgroup MMA (every case above: the forward's
+// window scores, p V and state products, the full backward's window kernels); the mma.sync code, which other
+// GPUs run, must stay correct: the d = 128 cases of T = 100 and T = 1024 on it.
+TEST(HybridGpu, MmaSyncPathMatchesReference) {
   std::vector<Case> cases;
   for (int T : {100, 1024})
     for (Case c : product(T, 1, 5))
