@@ -2908,37 +2908,6 @@ __device__ __forceinline__ void load_tile_swz_async(uint32_t dst, const bf16* sr
     cp_async16_s(d + k * RP * 128, ok ? g + (size_t)RP * k * row_stride : src, ok);
   }
 }
-template <int R, int C>
-__device__ __forceinline__ void fence_acc(float (&r)[R][C]) {
-  #pragma unroll
-  for (int i = 0; i < R; i++)
-    #pragma unroll
-    for (int j = 0; j < C; j++) asm volatile("" : "+f"(r[i][j])::"memory");
-}
-// d (64 x 64 fp32) (+)= A (64 x 16 bf16, registers) * B (64 x 16, smem desc, K-major).
-__device__ __forceinline__ void wgmma_rs_m64n64k16_kb(float* d, const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
-// d (64 x 64 fp32) (+)= A (64 x 16 f16, registers) * B (64 x 16 f16, smem desc, K-major).
-__device__ __forceinline__ void wgmma_rs_m64n64k16_f16_kb(float* d, const uint32_t (&a)[4], uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
-// d (64 x 128 fp32) += A (64 x 16 f16, registers) * B (16 x 128 f16, smem desc, MN-major: transposed).
-__device__ __forceinline__ void wgmma_rs_m64n128k16_f16_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
 // The byte offset of element (r, col) of a 64-row swizzled tile of 16-bit values.
 __device__ __forceinline__ int swz_off(int r, int col) {
   return (col >> 6) * WG_HALF + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) + 2 * (col & 7);
@@ -2947,14 +2916,6 @@ __device__ __forceinline__ int swz_off(int r, int col) {
 __device__ __forceinline__ void frag_b_nk_swz(uint32_t (&b)[4], const void* tile, int n0, int k0) {
   const int l = lane_id(), mi = l >> 3, rr = l & 7;
   ldsm_x4(b, (const unsigned char*)tile + swz_off(n0 + rr + 8 * (mi >> 1), k0 + 8 * (mi & 1)));
-}
-// d (64 x 64 fp32) += A (64 x 16 f16, registers) * B (16 x 64 f16, smem desc, MN-major: transposed).
-__device__ __forceinline__ void wgmma_rs_m64n64k16_f16_tb(float* d, const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 // A (16 x 16) with A[m][k] = tile[k][m] (frag_a_t's layout) from a 64-row swizzled tile.
 __device__ __forceinline__ void frag_a_t_swz(uint32_t (&a)[4], const void* tile, int m0, int k0) {
@@ -2980,13 +2941,13 @@ __device__ __forceinline__ void mul_a_tile_half_wg(float (&acc)[8][4], const uin
 #ifdef LOLCATS_WGMMA
   using namespace attention_hopper;
   const uint32_t v = smem_u32(V) + (col0 >> 6) * WG_HALF;
-  fence_acc(acc);
+  fence_regs(acc);
   wgmma_fence();
   #pragma unroll
   for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n64k16_f16_tb(&acc[0][0], A[kk], make_desc(v + kk * 2048, WG_HALF, 1024));
   wgmma_commit();
   wgmma_wait<0>();
-  fence_acc(acc);
+  fence_regs(acc);
 #endif
 }
 // sc (this warp's 16 rows x 64 keys, C layout) = X K^T, X the warp's register A fragments (8 k-steps over d = 128),
@@ -3001,7 +2962,7 @@ __device__ __forceinline__ void mul_x_keys_wg(float (&sc)[8][4], const uint32_t 
     wgmma_rs_m64n64k16_kb(&sc[0][0], X[kt], make_desc(k + (kt / 4) * WG_HALF + (kt % 4) * 32, 16, 1024), kt > 0);
   wgmma_commit();
   wgmma_wait<0>();
-  fence_acc(sc);
+  fence_regs(sc);
 #endif
 }
 
@@ -3100,7 +3061,7 @@ __device__ __forceinline__ void state_times_tile_t_wg(float (&out)[8][4], const 
     wgmma_rs_m64n64k16_f16_kb(&out[0][0], a[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), k > 0);
   wgmma_commit();
   wgmma_wait<0>();
-  fence_acc(out);
+  fence_regs(out);
   #pragma unroll
   for (int n = 0; n < 8; n++)
     #pragma unroll
@@ -3116,13 +3077,13 @@ __device__ __forceinline__ void state_accumulate_wg(float (&st)[16][4], const vo
   #pragma unroll
   for (int kk = 0; kk < 4; kk++) frag_a_t_swz(aa[kk], A, m0, 16 * kk);
   const uint32_t y = smem_u32(Y);
-  fence_acc(st);
+  fence_regs(st);
   wgmma_fence();
   #pragma unroll
   for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_f16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
   wgmma_commit();
   wgmma_wait<0>();
-  fence_acc(st);
+  fence_regs(st);
 #endif
 }
 
@@ -4540,19 +4501,19 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
       }
       wgmma_commit();
       wgmma_wait<1>();  // s^T is done: the probabilities while dP^T is formed
-      fence_acc(sc);
+      fence_regs(sc);
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         window_kv_probs(sc[nt], *(const float2*)(sSt + sl * WST + (4 * nt + t) * 12), nt, u, row0, g, t, sliding, s, j0);
       wgmma_wait<0>();
-      fence_acc(dpt);
+      fence_regs(dpt);
       #pragma unroll
       for (int nt = 0; nt < 8; nt++) window_kv_ds(sc[nt], dpt[nt], win_pair(sSt + sl * WST, nt, t), g, j0);
       pack_c_to_a<false, 8>(ap, sc);
       pack_c_to_a<false, 8>(dsp, dpt);
     }
-    fence_acc(dv);
-    fence_acc(dk);
+    fence_regs(dv);
+    fence_regs(dk);
     wgmma_fence();
     #pragma unroll
     for (int kk = 0; kk < 4; kk++)  // dv += (A^T / den) dy, dk += ds^T q (k = the 64 queries)
@@ -4561,8 +4522,8 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
     for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&dk[0][0], dsp[kk], make_desc(Q + kk * 2048, WG_HALF, 1024));
     wgmma_commit();
     wgmma_wait<0>();
-    fence_acc(dv);
-    fence_acc(dk);
+    fence_regs(dv);
+    fence_regs(dk);
     __syncthreads();  // slot sl is free for iteration it + 2
   }
   // Out, as fast_window_kv_v3_kernel: through shared memory (every tile is free now).
@@ -4592,13 +4553,6 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
 // dP, then its dq product), so a thread holds dq (64 registers) and one tile's s and dP (64). The query and
 // dy tiles have one slot each (two would not leave room for 2 blocks an SM): the next head's are requested as
 // soon as this head's last s and dP products have read them, and arrive while the rest of the head computes.
-__device__ __forceinline__ void wgmma_ss_m64n16k16(float* d, uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
 // One key tile (NKEYS = 64, or 16: the sinks) for the warpgroup's 64 query rows: ds = A (g.v - delta) with p
 // rounded to f16 as the forward multiplied it (as window_grad_tile), its row sums, and dq += ds K / sqrt(d)
 // when want_dq. Q, DY: 64-row swizzled tiles; Kt, Vt: NKEYS-row swizzled tiles. after_reads() runs once every
@@ -4629,7 +4583,7 @@ __device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&ro
   }
   wgmma_commit();
   wgmma_wait<1>();  // s is done: the probabilities while dP is formed
-  fence_acc(sc);
+  fence_regs(sc);
   #pragma unroll
   for (int nt = 0; nt < NB; nt++)
     #pragma unroll
@@ -4638,7 +4592,7 @@ __device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&ro
       sc[nt][e] = mask(kl, row0 + g + 8 * r) ? __half2float(__float2half(ex2_approx(sc[nt][e] * c1 - wr.mL[r]))) : 0.0f;
     }
   wgmma_wait<0>();
-  fence_acc(dp);
+  fence_regs(dp);
   after_reads();
   #pragma unroll
   for (int nt = 0; nt < NB; nt++)
@@ -4652,13 +4606,13 @@ __device__ __forceinline__ void window_q_tile_wg(float (&dqa)[16][4], float (&ro
   if (want_dq) {
     uint32_t da[NB / 2][4];
     pack_c_to_a<false, NB>(da, sc);
-    fence_acc(dqa);
+    fence_regs(dqa);
     wgmma_fence();
     #pragma unroll
     for (int kk = 0; kk < NKEYS / 16; kk++) wgmma_rs_m64n128k16_tb(&dqa[0][0], da[kk], make_desc(Kt + kk * 2048, HALFK, 1024));
     wgmma_commit();
     wgmma_wait<0>();
-    fence_acc(dqa);
+    fence_regs(dqa);
   }
 #endif
 }
