@@ -4278,6 +4278,31 @@ static __global__ void __launch_bounds__(128, 2) fast_window_q_kernel(FastBwdArg
   }
 }
 
+// The window dk/dv kernels' row statistics of one (head, query chunk) into st (WST floats, raw: the thread that
+// copied them finishes them with wst_finish after its wait); cp.async, not committed.
+__device__ __forceinline__ void window_kv_stats_async(float* st, const FastBwdArgs& a, int b, int qc, int h, int rows, int tid) {
+  if (tid >= 64) return;
+  const bool ok = tid < rows;
+  const size_t ri = row_index(a.s, b, ok ? qc * CHUNK + tid : 0, h);
+  cp_async4(st + wst_at(tid, 0), a.sv.row_max + ri, ok);
+  cp_async4(st + wst_at(tid, 1), a.sv.row_den + ri, ok);
+  cp_async4(st + wst_at(tid, 3), a.sv.row_delta + ri, ok);
+  cp_async4(st + wst_at(tid, 4), a.dm + ri, ok);
+  cp_async4(st + wst_at(tid, 5), a.sv.row_argmax + ri, ok);  // 0 past T, where dm = 0
+}
+// The dk/dv accumulator rows (j0 + g, + 8) this thread's output adds, into L2 during the last iteration (the
+// quad's 4 lines of the 512-byte row).
+template <int D>
+__device__ __forceinline__ void prefetch_kv_acc_rows(const FastBwdArgs& a, int b, int hk, int j0, int g, int t) {
+  #pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int j = j0 + g + 8 * r;
+    if (j >= a.s.T) continue;
+    const size_t base = kv_index(a.s, b, j, hk) * D + 32 * t;
+    if (a.dv_out) prefetch_l2(a.dv_acc + base);
+    if (a.dk_out) prefetch_l2(a.dk_acc + base);
+  }
+}
 // The window dk/dv kernels' output: dv (rows [0, 64) of sOut) and dk (rows [64, 128)), fp32 with row stride
 // ldo, plus the accumulators (dk_acc: du_k Wk^T and the sinks' part; dv_acc: the linear and the sinks'
 // parts), as bf16 rows [c * 64, + rows) of dk_out, dv_out. Every thread reads its accumulator words as 16
@@ -4346,16 +4371,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
     const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
     load_rows_async<D>(sQ + sl * TL::TILE, LDT, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
     load_rows_async<D>(sDY + sl * TL::TILE, LDT, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, 64, rows);
-    if (tid < 64) {
-      const bool ok = tid < rows;
-      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
-      float* st = sSt + sl * WST;
-      cp_async4(st + wst_at(tid, 0), a.sv.row_max + ri, ok);
-      cp_async4(st + wst_at(tid, 1), a.sv.row_den + ri, ok);
-      cp_async4(st + wst_at(tid, 3), a.sv.row_delta + ri, ok);
-      cp_async4(st + wst_at(tid, 4), a.dm + ri, ok);
-      cp_async4(st + wst_at(tid, 5), a.sv.row_argmax + ri, ok);  // 0 past T, where dm = 0
-    }
+    window_kv_stats_async(sSt + sl * WST, a, b, qc, h, rows, tid);
     cp_async_commit();
   };
   load_it(0);  // with K and V
@@ -4369,14 +4385,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_v3_kernel(FastBw
       wl_next = a.wlogit[hk * s.group + (it + 1) / nq_chunks];
     } else {
       cp_async_commit();  // an empty group: the wait below still means "iteration it's data"
-      #pragma unroll
-      for (int r = 0; r < 2; r++) {  // the accumulator rows the output adds: into L2 during the last iteration
-        const int j = j0 + g + 8 * r;
-        if (j >= s.T) continue;
-        const size_t base = kv_index(s, b, j, hk) * D + 32 * t;  // the quad's 4 lines of the 512-byte row
-        if (a.dv_out) prefetch_l2(a.dv_acc + base);
-        if (a.dk_out) prefetch_l2(a.dk_acc + base);
-      }
+      prefetch_kv_acc_rows<D>(a, b, hk, j0, g, t);  // the accumulator rows the output adds: into L2 now
     }
     cp_async_wait<1>();
     const int sl = it & 1, u = it % nq_chunks;
@@ -4446,16 +4455,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
     const int sl = it & 1, h = hk * s.group + it / nq_chunks, qc = c + it % nq_chunks, rows = rows_in(qc);
     load_tile_swz_async<64>(sQ + sl * WG_TILE, a.q + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
     load_tile_swz_async<64>(sDY + sl * WG_TILE, a.dy + row_index(s, b, qc * CHUNK, h) * D, qstride, rows, tid);
-    if (tid < 64) {
-      const bool ok = tid < rows;
-      const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
-      float* st = sSt + sl * WST;
-      cp_async4(st + wst_at(tid, 0), a.sv.row_max + ri, ok);
-      cp_async4(st + wst_at(tid, 1), a.sv.row_den + ri, ok);
-      cp_async4(st + wst_at(tid, 3), a.sv.row_delta + ri, ok);
-      cp_async4(st + wst_at(tid, 4), a.dm + ri, ok);
-      cp_async4(st + wst_at(tid, 5), a.sv.row_argmax + ri, ok);
-    }
+    window_kv_stats_async(sSt + sl * WST, a, b, qc, h, rows, tid);
     cp_async_commit();
   };
   load_it(0);
@@ -4469,14 +4469,7 @@ static __global__ void __launch_bounds__(128, 2) fast_window_kv_wg_kernel(FastBw
       wl_next = a.wlogit[hk * s.group + (it + 1) / nq_chunks];
     } else {
       cp_async_commit();
-      #pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const int j = j0 + g + 8 * r;
-        if (j >= s.T) continue;
-        const size_t base_i = kv_index(s, b, j, hk) * D + 32 * t;
-        if (a.dv_out) prefetch_l2(a.dv_acc + base_i);
-        if (a.dk_out) prefetch_l2(a.dk_acc + base_i);
-      }
+      prefetch_kv_acc_rows<D>(a, b, hk, j0, g, t);  // the accumulator rows the output adds: into L2 now
     }
     cp_async_wait<1>();
     const int sl = it & 1, u = it % nq_chunks;
