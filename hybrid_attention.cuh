@@ -2922,7 +2922,8 @@ __device__ __forceinline__ void frag_a_t_swz(uint32_t (&a)[4], const void* tile,
   const int l = lane_id(), mi = l >> 3, rr = l & 7;
   ldsm_x4_t(a, (const unsigned char*)tile + swz_off(k0 + rr + 8 * (mi >> 1), m0 + 8 * (mi & 1)));
 }
-// mul_a_tile_half<true> (mma.sync) with Y a swizzled f16 tile: B[k][n] = Y[k][n] by ldmatrix.trans.
+// mul_a_tile_half (mma.sync) with Y a swizzled 16-bit tile: B[k][n] = Y[k][n] by ldmatrix.trans.
+template <bool HALF = true>
 __device__ __forceinline__ void mul_a_tile_half_swz(float (&acc)[8][4], const uint32_t (&A)[4][4], const void* Y, int col0) {
   const int l = lane_id(), mi = l >> 3, rr = l & 7;
   #pragma unroll
@@ -2931,8 +2932,8 @@ __device__ __forceinline__ void mul_a_tile_half_swz(float (&acc)[8][4], const ui
     for (int np = 0; np < 4; np++) {
       uint32_t bb[4];
       ldsm_x4_t(bb, (const unsigned char*)Y + swz_off(16 * kk + rr + 8 * (mi & 1), col0 + 16 * np + 8 * (mi >> 1)));
-      mma_f16(acc[2 * np], A[kk], bb[0], bb[1]);
-      mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]);
+      if (HALF) { mma_f16(acc[2 * np], A[kk], bb[0], bb[1]); mma_f16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
+      else { mma_bf16(acc[2 * np], A[kk], bb[0], bb[1]); mma_bf16(acc[2 * np + 1], A[kk], bb[2], bb[3]); }
     }
 }
 // acc (this warp's 16 rows x columns [col0, col0 + 64)) += A (16 x 64 keys, f16 A fragments) . V, V a swizzled
@@ -3022,12 +3023,17 @@ __device__ __forceinline__ void store_phi_swz(void* tile, int r0, const float (&
     *(uint32_t*)(base + swz_off(r0 + g + 8, 8 * j + 2 * t)) = pack_f16(a2, a3);
   }
 }
-// column_sum_update<true> over a swizzled f16 tile: sZ[f] += sum of column f (thread f).
-__device__ __forceinline__ void column_sum_update_swz(float* sZ, const void* Phi, int f = threadIdx.x) {
+// column_sum_update over a swizzled 16-bit tile: sZ[f] += sum of column f (thread f), rows weighted by scal if given.
+template <bool HALF = true>
+__device__ __forceinline__ void column_sum_update_swz(float* sZ, const void* Phi, int f = threadIdx.x, const float* scal = nullptr) {
   const unsigned char* P = (const unsigned char*)Phi;
   float acc = 0.0f;
   #pragma unroll
-  for (int r = 0; r < 64; r++) acc += f16_bits_to_float(*(const unsigned short*)(P + swz_off(r, f)));
+  for (int r = 0; r < 64; r++) {
+    const unsigned short bits = *(const unsigned short*)(P + swz_off(r, f));
+    const float v = HALF ? f16_bits_to_float(bits) : __uint_as_float((uint32_t)bits << 16);
+    acc += scal ? v * scal[r] : v;
+  }
   sZ[f] += acc;
 }
 // store_rows_v3 from a swizzled tile.
@@ -3789,32 +3795,127 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
 // (A) warps 0-3 phi_k(c) (bf16, sinks and rows past T zeroed); (B) dphi_k^T = R V^T - r for the warp's
 // features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1, and warps 4-7, which
 // have no (A), r += phi_q delta (the barrier after (B) waited on warps 0-3 alone); (C) sliding term, du_k.
-struct BwdK3Layout {
+// The fused dv of fast_backward_key_v3_kernel<..., DVF = true> for key chunk c (rows j0..): this warp's 16 keys
+// (row group rg) x the head-dim half hf of dv = phi_k R_c (R_c the scaled f16 tile sR, times inv) + the sliding
+// term (the queries of chunk c+1 at least w ahead: (phi_k (phi_q / den)^T, masked) dy), into the fp32 accumulator.
+__device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned char* sR, const bf16* Kc, const bf16* PQc,
+                                         const bf16* DYc, float inv, bool linear, bool sliding, int b, int hk, int j0) {
+  constexpr int D = 128, LDP = Tiles<D>::LDP, LDT = Tiles<D>::LDT;
+  const int warp = threadIdx.x >> 5, ln = lane_id(), g = ln >> 2, t = ln & 3, row0 = 16 * (warp & 3), hf = warp >> 2;
+  float acc[8][4] = {};
+#ifdef LOLCATS_WGMMA
+  if (linear) {
+    using namespace attention_hopper;
+    uint32_t pk[8][4];
+    #pragma unroll
+    for (int k = 0; k < 8; k++) frag_a(pk[k], Kc, LDP, row0, 16 * k);  // phi_k (f16 as saved)
+    const uint32_t r = smem_u32(sR) + hf * (128 * 128);
+    fence_regs(acc);
+    wgmma_fence();
+    #pragma unroll
+    for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_f16_tb(&acc[0][0], pk[k], make_desc(r + k * 2048, 128 * 128, 1024));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc);
+    #pragma unroll
+    for (int n = 0; n < 8; n++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) acc[n][e] *= inv;
+  }
+#endif
+  if (sliding) {
+    uint32_t pa[4][4];
+    {
+      float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries), in bf16 as phi_q / den is
+      #pragma unroll
+      for (int k = 0; k < 8; k++) {
+        uint32_t pk[4];
+        frag_a(pk, Kc, LDP, row0, 16 * k);
+        #pragma unroll
+        for (int i = 0; i < 4; i++) pk[i] = pack_bf16(f16_lo(pk[i]), f16_hi(pk[i]));
+        #pragma unroll
+        for (int np = 0; np < 4; np++) {
+          uint32_t bb[4];
+          frag_b_nk(bb, PQc, LDP, 16 * np, 16 * k);
+          mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
+          mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
+        }
+      }
+      #pragma unroll
+      for (int nt = 0; nt < 8; nt++)
+        #pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
+      pack_c_to_a<false, 8>(pa, bst);
+    }
+    mul_a_tile_half<false>(acc, pa, DYc, LDT, 64 * hf);
+  }
+  // Four consecutive columns a thread (the quad's pairs exchanged): even t row g, odd t row g + 8.
+  const Shape& s = a.s;
+  const int j = j0 + row0 + g + 8 * (t & 1);
+  float* dst = a.dv_acc + kv_index(s, b, j < s.T ? j : 0, hk) * D + 64 * hf + 4 * (t >> 1);
+  #pragma unroll
+  for (int nt = 0; nt < 8; nt++) {
+    const float s0 = __shfl_xor_sync(0xffffffffu, (t & 1) ? acc[nt][0] : acc[nt][2], 1);
+    const float s1 = __shfl_xor_sync(0xffffffffu, (t & 1) ? acc[nt][1] : acc[nt][3], 1);
+    const float4 v = (t & 1) ? make_float4(s0, s1, acc[nt][2], acc[nt][3]) : make_float4(acc[nt][0], acc[nt][1], s0, s1);
+    if (j < s.T) atomicAdd((float4*)(dst + 8 * nt), v);
+  }
+}
+// DVF (Hopper, the full backward with the saved maps): the linear part of dv in this kernel too, so the dv pass
+// below does not run. Each chunk the warps store R_c (in f16, scaled by one power of two for the block, from
+// the warps' maxima of the chunk before) to a 128-byte-swizzled shared tile, and each warpgroup forms its half
+// of the head dim of dv = phi_k R_c as one wgmma chain (phi_k as register A fragments, R an MN-major B), plus
+// the sliding term in mma.sync; the rows go to the fp32 dv accumulator by 16-byte atomics (GQA heads).
+template <bool DVF>
+struct BwdK3LayoutT {
   using TL = Tiles<128>;
-  static constexpr size_t K = 0, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
-                          WK = DY + 2 * TL::TILE * 2, PK = WK + TL::WT * 2, DP = PK + TL::PT * 2,
-                          RV = DP + 64 * V3_LDN * 4, DD = RV + 2 * NF * 4, BYTES = DD + 2 * 64 * 4;
+  static constexpr size_t R_TILE = DVF ? (size_t)NF * 128 * 2 : 0;  // R_c (features x d), f16, swizzled halves of d
+  static constexpr size_t R = 0, K = R + R_TILE, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
+                          WK = DY + 2 * TL::TILE * 2, PK = WK + (DVF ? 0 : TL::WT * 2), DP = PK + (DVF ? 0 : TL::PT * 2),
+                          RV = DP + 64 * V3_LDN * 4, DD = RV + 2 * NF * 4, MX = DD + 2 * 64 * 4,
+                          BYTES = MX + (DVF ? 2 * 8 * 4 + 1024 : 0);  // DVF: the warps' maxima of R; the 1024-byte alignment
 };
-template <bool SLIDING, bool PHI_SAVED>
+using BwdK3Layout = BwdK3LayoutT<false>;
+// The byte offset of element (r, col) of a 128-row swizzled tile of 16-bit values (halves of 64 columns).
+__device__ __forceinline__ int swz_off128(int r, int col) {
+  return (col >> 6) * (128 * 128) + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) + 2 * (col & 7);
+}
+template <bool SLIDING, bool PHI_SAVED, bool DVF = false>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_kernel(FastBwdArgs a) {
+  static_assert(PHI_SAVED || !DVF, "the fused dv takes phi_k as the forward saved it (f16)");
   constexpr int D = 128;
   using TL = Tiles<D>;
-  using LY = BwdK3Layout;
+  using LY = BwdK3LayoutT<DVF>;
   constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sK = (bf16*)(smem_raw + LY::K);
-  bf16* sV = (bf16*)(smem_raw + LY::V);
-  bf16* sPQ = (bf16*)(smem_raw + LY::PQ);
-  bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  bf16* sWk = (bf16*)(smem_raw + LY::WK);
-  bf16* sPK = (bf16*)(smem_raw + LY::PK);
-  float* sDP = (float*)(smem_raw + LY::DP);  // dphi_k (key, feature)
-  float* sRv = (float*)(smem_raw + LY::RV);  // [2][128] r, double-buffered by chunk parity
-  float* sDD = (float*)(smem_raw + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
+  // DVF: the 1024-aligned base the swizzled R tile needs (BYTES has the slack)
+  unsigned char* sm = DVF ? smem_raw + (((smem_u32(smem_raw) + 1023) & ~1023u) - smem_u32(smem_raw)) : smem_raw;
+  unsigned char* sR = sm + LY::R;
+  bf16* sK = (bf16*)(sm + LY::K);
+  bf16* sV = (bf16*)(sm + LY::V);
+  bf16* sPQ = (bf16*)(sm + LY::PQ);
+  bf16* sDY = (bf16*)(sm + LY::DY);
+  bf16* sWk = (bf16*)(sm + LY::WK);
+  bf16* sPK = (bf16*)(sm + LY::PK);
+  float* sDP = (float*)(sm + LY::DP);  // dphi_k (key, feature)
+  float* sRv = (float*)(sm + LY::RV);  // [2][128] r, double-buffered by chunk parity
+  float* sDD = (float*)(sm + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
+  float* sMx = (float*)(sm + LY::MX);  // DVF: [2][8] the warps' max |R_c|, by chunk parity
+  // DVF: this warp's max |R| for chunk cn (read by all warps after the next barrier)
+  auto note_max = [&](const float (&r)[16][4], int cn) {
+    float mx = 0.0f;
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++) mx = fmaxf(mx, fabsf(r[j][e]));
+    mx = warp_max(mx);
+    if (ln == 0) sMx[(cn & 1) * 8 + warp] = mx;
+  };
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
@@ -3862,6 +3963,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       }
     if (tid < NF) sRv[((c_end - 1) & 1) * NF + tid] = last ? 0.0f : a.segRz[base + tid];
   }
+  if (DVF) note_max(st, c_end - 1);
 
   for (int c = c_end - 1; c >= c_begin; c--) {
     const int sl = c & 1;
@@ -3905,13 +4007,30 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
           sDP[kr * LDN + f] = has_state ? dpt[n][e] - rf[e >> 1] : 0.0f;
         }
     }
+    float dsc_inv = 1.0f;  // DVF: the inverse of R_c's scale in the f16 tile
+    if (DVF && has_state) {  // R_c into the f16 tile before the update (dv of chunk c takes query chunks >= c+2)
+      float mx = sMx[(c & 1) * 8];
+      #pragma unroll
+      for (int w = 1; w < 8; w++) mx = fmaxf(mx, sMx[(c & 1) * 8 + w]);
+      // warp_f16_scale's rule with the block's max: |R| * scale < 2^14, both normal floats
+      const int ex = (__float_as_int(mx) >> 23) & 0xff, sh = max(-100, min(100, 140 - ex));
+      const float sc = __int_as_float((127 + sh) << 23);
+      dsc_inv = __int_as_float((127 - sh) << 23);
+      #pragma unroll
+      for (int j = 0; j < 16; j++)
+        #pragma unroll
+        for (int r = 0; r < 2; r++)
+          *(uint32_t*)(sR + swz_off128(16 * warp + g + 8 * r, 8 * j + 2 * t)) = pack_f16(st[j][2 * r] * sc, st[j][2 * r + 1] * sc);
+    }
     if (has_q) state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
+    if (DVF && c - 1 >= c_begin) note_max(st, c - 1);
     if (tid >= V3_THREADS - NF) {  // warps 4-7, which have no (A): H200, T = 1024, 0.212 -> 0.202 ms
       const int f = tid - (V3_THREADS - NF);
       rn[f] = rc[f];
       if (has_q) column_sum_update<false>(rn, PQc, LDP, dd, f);
     }
-    __syncthreads();  // sPK, sDP complete
+    __syncthreads();  // sPK, sDP (DVF: sR) complete
+    if (DVF && (has_state || (SLIDING && has_q))) key_side_dv(a, sR, Kc, PQc, DYc, dsc_inv, has_state, SLIDING && has_q, b, hk, j0);
 
     // (C) sliding: the queries of chunk c+1 at least w ahead (kl <= ql) see these keys linearly:
     // dphi_k += ((V dy^T) - delta den) . (phi_q / den), key rows of row group rg, features [64 hf, +64).
@@ -5108,7 +5227,13 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
-  if (v3) {
+  // Hopper with the saved maps: the key kernel forms dv's linear part too (no dv pass).
+  const bool dv_fused = v3 && input_grads && phi_saved && use_wgmma();
+  if (dv_fused) {
+    auto kk = sliding ? fast_backward_key_v3_kernel<true, true, true> : fast_backward_key_v3_kernel<false, true, true>;
+    set_max_smem(kk, BwdK3LayoutT<true>::BYTES);
+    kk<<<grid, V3_THREADS, BwdK3LayoutT<true>::BYTES, stream>>>(ba);
+  } else if (v3) {
     auto kk = sliding ? (phi_saved ? fast_backward_key_v3_kernel<true, true> : fast_backward_key_v3_kernel<true, false>)
                       : (phi_saved ? fast_backward_key_v3_kernel<false, true> : fast_backward_key_v3_kernel<false, false>);
     set_max_smem(kk, BwdK3Layout::BYTES);
@@ -5119,7 +5244,7 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   }
   CUDA_LAUNCH_CHECK();
   mark("bwd: key side", stream);
-  if (v3 && input_grads) {
+  if (v3 && input_grads && !dv_fused) {
     auto kv = sliding ? (phi_saved ? fast_backward_dv_v3_kernel<true, true> : fast_backward_dv_v3_kernel<true, false>)
                       : (phi_saved ? fast_backward_dv_v3_kernel<false, true> : fast_backward_dv_v3_kernel<false, false>);
     set_max_smem(kv, BwdDv3Layout::BYTES);
