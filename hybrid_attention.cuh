@@ -3795,12 +3795,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
 // (A) warps 0-3 phi_k(c) (bf16, sinks and rows past T zeroed); (B) dphi_k^T = R V^T - r for the warp's
 // features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1, and warps 4-7, which
 // have no (A), r += phi_q delta (the barrier after (B) waited on warps 0-3 alone); (C) sliding term, du_k.
-// The fused dv of fast_backward_key_v3_kernel<..., DVF = true> for key chunk c (rows j0..): this warp's 16 keys
+// The fused dv of fast_backward_key_v3_kernel<..., WG = true> for key chunk c (rows j0..): this warp's 16 keys
 // (row group rg) x the head-dim half hf of dv = phi_k R_c (R_c the scaled f16 tile sR, times inv) + the sliding
 // term (the queries of chunk c+1 at least w ahead: (phi_k (phi_q / den)^T, masked) dy), into the fp32 accumulator.
+// Kc padded (phi_k, f16), PQc and DYc swizzled (bf16).
 __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned char* sR, const bf16* Kc, const bf16* PQc,
                                          const bf16* DYc, float inv, bool linear, bool sliding, int b, int hk, int j0) {
-  constexpr int D = 128, LDP = Tiles<D>::LDP, LDT = Tiles<D>::LDT;
+  constexpr int D = 128, LDP = Tiles<D>::LDP;
   const int warp = threadIdx.x >> 5, ln = lane_id(), g = ln >> 2, t = ln & 3, row0 = 16 * (warp & 3), hf = warp >> 2;
   float acc[8][4] = {};
 #ifdef LOLCATS_WGMMA
@@ -3836,7 +3837,7 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
         #pragma unroll
         for (int np = 0; np < 4; np++) {
           uint32_t bb[4];
-          frag_b_nk(bb, PQc, LDP, 16 * np, 16 * k);
+          frag_b_nk_swz(bb, PQc, 16 * np, 16 * k);
           mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
           mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
         }
@@ -3848,7 +3849,7 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
           if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
       pack_c_to_a<false, 8>(pa, bst);
     }
-    mul_a_tile_half<false>(acc, pa, DYc, LDT, 64 * hf);
+    mul_a_tile_half_swz<false>(acc, pa, DYc, 64 * hf);
   }
   // Four consecutive columns a thread (the quad's pairs exchanged): even t row g, odd t row g + 8.
   const Shape& s = a.s;
@@ -3862,39 +3863,90 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
     if (j < s.T) atomicAdd((float4*)(dst + 8 * nt), v);
   }
 }
-// DVF (Hopper, the full backward with the saved maps): the linear part of dv in this kernel too, so the dv pass
-// below does not run. Each chunk the warps store R_c (in f16, scaled by one power of two for the block, from
-// the warps' maxima of the chunk before) to a 128-byte-swizzled shared tile, and each warpgroup forms its half
-// of the head dim of dv = phi_k R_c as one wgmma chain (phi_k as register A fragments, R an MN-major B), plus
-// the sliding term in mma.sync; the rows go to the fp32 dv accumulator by 16-byte atomics (GQA heads).
-template <bool DVF>
+// out (this warp's 16 state rows x 64 columns) = st X^T with the state split hi + lo in bf16 (state_times_tile_t
+// <false>), X a swizzled 64-row bf16 tile (a K-major B): two wgmma chains of the warpgroup.
+__device__ __forceinline__ void state_times_tile_t_split_wg(float (&out)[8][4], const float (&st)[16][4], const void* X) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  uint32_t hi[8][4], lo[8][4];
+  #pragma unroll
+  for (int k = 0; k < 8; k++)
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float (&c)[4] = st[2 * k + (i >> 1)];
+      const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
+      hi[k][i] = pack_bf16(x0, x1);
+      lo[k][i] = pack_bf16(x0 - bf16_lo(hi[k][i]), x1 - bf16_hi(hi[k][i]));
+    }
+  const uint32_t x = smem_u32(X);
+  wgmma_fence();
+  #pragma unroll
+  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], hi[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), k > 0);
+  #pragma unroll
+  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], lo[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(out);
+#endif
+}
+// st (this warp's 16 rows m0.. of A^T Y) += A^T Y: state_accumulate<false> with A and Y swizzled 64-row bf16 tiles
+// (A^T as register fragments by ldmatrix.trans, Y an MN-major B): one wgmma chain of the warpgroup.
+__device__ __forceinline__ void state_accumulate_bf16_wg(float (&st)[16][4], const void* A, int m0, const void* Y) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  uint32_t aa[4][4];
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) frag_a_t_swz(aa[kk], A, m0, 16 * kk);
+  const uint32_t y = smem_u32(Y);
+  fence_regs(st);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(st);
+#endif
+}
+// WG (Hopper, the full backward with the saved maps): the products as wgmma and the linear part of dv in this
+// kernel too, so the dv pass below does not run. The V, phi_q / den and dy tiles are 128-byte swizzled: dphi_k^T =
+// R V^T is two wgmma chains (R split hi + lo as register A fragments), R += (phi_q / den)^T dy one (as the
+// forward's state update). For dv, each chunk the warps store R_c (in f16, scaled by one power of two for the
+// block, from the warps' maxima of the chunk before) to a swizzled shared tile, and each warpgroup forms its half
+// of the head dim of dv = phi_k R_c as one wgmma chain (phi_k as register A fragments, R an MN-major B), plus the
+// sliding term in mma.sync; the rows go to the fp32 dv accumulator by 16-byte atomics (GQA heads).
+template <bool WG>
 struct BwdK3LayoutT {
   using TL = Tiles<128>;
-  static constexpr size_t R_TILE = DVF ? (size_t)NF * 128 * 2 : 0;  // R_c (features x d), f16, swizzled halves of d
-  static constexpr size_t R = 0, K = R + R_TILE, V = K + 2 * TL::TILE * 2, PQ = V + 2 * TL::TILE * 2, DY = PQ + 2 * TL::PT * 2,
-                          WK = DY + 2 * TL::TILE * 2, PK = WK + (DVF ? 0 : TL::WT * 2), DP = PK + (DVF ? 0 : TL::PT * 2),
+  static constexpr size_t R_TILE = WG ? (size_t)NF * 128 * 2 : 0;  // R_c (features x d), f16, swizzled halves of d
+  static constexpr size_t X_TILE = WG ? WG_TILE : TL::TILE * 2;    // a V, phi_q / den or dy slot
+  static_assert(TL::TILE == TL::PT, "a phi tile is a d-tile");
+  // (the swizzled slots first, on the 1024-aligned base; without WG the order of version 3's first layout)
+  static constexpr size_t R = 0, V = WG ? R + R_TILE : 2 * TL::TILE * 2, PQ = V + 2 * X_TILE, DY = PQ + 2 * X_TILE,
+                          K = WG ? DY + 2 * X_TILE : 0, WK = WG ? K + 2 * TL::TILE * 2 : DY + 2 * X_TILE,
+                          PK = WK + (WG ? 0 : TL::WT * 2), DP = PK + (WG ? 0 : TL::PT * 2),
                           RV = DP + 64 * V3_LDN * 4, DD = RV + 2 * NF * 4, MX = DD + 2 * 64 * 4,
-                          BYTES = MX + (DVF ? 2 * 8 * 4 + 1024 : 0);  // DVF: the warps' maxima of R; the 1024-byte alignment
+                          BYTES = MX + (WG ? 2 * 8 * 4 + 1024 : 0);  // WG: the warps' maxima of R; the 1024-byte alignment
 };
 using BwdK3Layout = BwdK3LayoutT<false>;
 // The byte offset of element (r, col) of a 128-row swizzled tile of 16-bit values (halves of 64 columns).
 __device__ __forceinline__ int swz_off128(int r, int col) {
   return (col >> 6) * (128 * 128) + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) + 2 * (col & 7);
 }
-template <bool SLIDING, bool PHI_SAVED, bool DVF = false>
+template <bool SLIDING, bool PHI_SAVED, bool WG = false>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_kernel(FastBwdArgs a) {
-  static_assert(PHI_SAVED || !DVF, "the fused dv takes phi_k as the forward saved it (f16)");
+  static_assert(PHI_SAVED || !WG, "the fused dv takes phi_k as the forward saved it (f16)");
   constexpr int D = 128;
   using TL = Tiles<D>;
-  using LY = BwdK3LayoutT<DVF>;
+  using LY = BwdK3LayoutT<WG>;
+  constexpr int XT = LY::X_TILE / 2;  // elements a V, phi_q / den or dy slot
   constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // DVF: the 1024-aligned base the swizzled R tile needs (BYTES has the slack)
-  unsigned char* sm = DVF ? smem_raw + (((smem_u32(smem_raw) + 1023) & ~1023u) - smem_u32(smem_raw)) : smem_raw;
+  // WG: the 1024-aligned base the swizzled tiles need (BYTES has the slack)
+  unsigned char* sm = WG ? smem_raw + (((smem_u32(smem_raw) + 1023) & ~1023u) - smem_u32(smem_raw)) : smem_raw;
   unsigned char* sR = sm + LY::R;
   bf16* sK = (bf16*)(sm + LY::K);
   bf16* sV = (bf16*)(sm + LY::V);
@@ -3905,8 +3957,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   float* sDP = (float*)(sm + LY::DP);  // dphi_k (key, feature)
   float* sRv = (float*)(sm + LY::RV);  // [2][128] r, double-buffered by chunk parity
   float* sDD = (float*)(sm + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
-  float* sMx = (float*)(sm + LY::MX);  // DVF: [2][8] the warps' max |R_c|, by chunk parity
-  // DVF: this warp's max |R| for chunk cn (read by all warps after the next barrier)
+  float* sMx = (float*)(sm + LY::MX);  // WG: [2][8] the warps' max |R_c|, by chunk parity
+  // WG: this warp's max |R| for chunk cn (read by all warps after the next barrier)
   auto note_max = [&](const float (&r)[16][4], int cn) {
     float mx = 0.0f;
     #pragma unroll
@@ -3934,11 +3986,17 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
                              c + 1 < s.NC ? rows_in(c) : 0);
     else
       load_rows_async<D, V3_THREADS>(sK + sl * TL::TILE, LDT, kb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
-    load_rows_async<D, V3_THREADS>(sV + sl * TL::TILE, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
     const int qc = c + 1, nq = qc < s.NC ? rows_in(qc) : 0;
     const size_t q0 = nq > 0 ? (size_t)qc * CHUNK : 0;  // no query chunk: all zeros, from a valid address
-    load_rows_async<NF, V3_THREADS>(sPQ + sl * TL::PT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
-    load_rows_async<D, V3_THREADS>(sDY + sl * TL::TILE, LDT, dyb + q0 * qstride, qstride, 64, nq);
+    if constexpr (WG) {
+      load_tile_swz_async<64, V3_THREADS>(smem_u32(sV + sl * XT), vb + (size_t)c * CHUNK * kstride, kstride, rows_in(c), tid);
+      load_tile_swz_async<64, V3_THREADS>(smem_u32(sPQ + sl * XT), pqb + q0 * s.H * NF, (size_t)s.H * NF, nq, tid);
+      load_tile_swz_async<64, V3_THREADS>(smem_u32(sDY + sl * XT), dyb + q0 * qstride, qstride, nq, tid);
+    } else {
+      load_rows_async<D, V3_THREADS>(sV + sl * XT, LDT, vb + (size_t)c * CHUNK * kstride, kstride, 64, rows_in(c));
+      load_rows_async<NF, V3_THREADS>(sPQ + sl * XT, LDP, pqb + q0 * s.H * NF, (size_t)s.H * NF, 64, nq);
+      load_rows_async<D, V3_THREADS>(sDY + sl * XT, LDT, dyb + q0 * qstride, qstride, 64, nq);
+    }
     if (tid < 64) {
       const bool ok = tid < nq;
       const size_t ri = row_index(s, b, ok ? qc * CHUNK + tid : 0, h);
@@ -3963,14 +4021,14 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       }
     if (tid < NF) sRv[((c_end - 1) & 1) * NF + tid] = last ? 0.0f : a.segRz[base + tid];
   }
-  if (DVF) note_max(st, c_end - 1);
+  if (WG) note_max(st, c_end - 1);
 
   for (int c = c_end - 1; c >= c_begin; c--) {
     const int sl = c & 1;
     const bf16* Kc = sK + sl * TL::TILE;
-    const bf16* Vc = sV + sl * TL::TILE;
-    const bf16* PQc = sPQ + sl * TL::PT;
-    const bf16* DYc = sDY + sl * TL::TILE;
+    const bf16* Vc = sV + sl * XT;
+    const bf16* PQc = sPQ + sl * XT;
+    const bf16* DYc = sDY + sl * XT;
     const float* dd = sDD + sl * 64;
     const float* rc = sRv + sl * NF;
     float* rn = sRv + (sl ^ 1) * NF;
@@ -3993,7 +4051,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
     {
       float dpt[8][4];
       if (has_state) {
-        state_times_tile_t<false>(dpt, st, Vc, LDT);
+        if constexpr (WG) state_times_tile_t_split_wg(dpt, st, Vc);
+        else state_times_tile_t<false>(dpt, st, Vc, LDT);
       } else {
         #pragma unroll
         for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
@@ -4007,8 +4066,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
           sDP[kr * LDN + f] = has_state ? dpt[n][e] - rf[e >> 1] : 0.0f;
         }
     }
-    float dsc_inv = 1.0f;  // DVF: the inverse of R_c's scale in the f16 tile
-    if (DVF && has_state) {  // R_c into the f16 tile before the update (dv of chunk c takes query chunks >= c+2)
+    float dsc_inv = 1.0f;  // WG: the inverse of R_c's scale in the f16 tile
+    if (WG && has_state) {  // R_c into the f16 tile before the update (dv of chunk c takes query chunks >= c+2)
       float mx = sMx[(c & 1) * 8];
       #pragma unroll
       for (int w = 1; w < 8; w++) mx = fmaxf(mx, sMx[(c & 1) * 8 + w]);
@@ -4022,15 +4081,21 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         for (int r = 0; r < 2; r++)
           *(uint32_t*)(sR + swz_off128(16 * warp + g + 8 * r, 8 * j + 2 * t)) = pack_f16(st[j][2 * r] * sc, st[j][2 * r + 1] * sc);
     }
-    if (has_q) state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
-    if (DVF && c - 1 >= c_begin) note_max(st, c - 1);
+    if (has_q) {
+      if constexpr (WG) state_accumulate_bf16_wg(st, PQc, 16 * warp, DYc);
+      else state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
+    }
+    if (WG && c - 1 >= c_begin) note_max(st, c - 1);
     if (tid >= V3_THREADS - NF) {  // warps 4-7, which have no (A): H200, T = 1024, 0.212 -> 0.202 ms
       const int f = tid - (V3_THREADS - NF);
       rn[f] = rc[f];
-      if (has_q) column_sum_update<false>(rn, PQc, LDP, dd, f);
+      if (has_q) {
+        if constexpr (WG) column_sum_update_swz<false>(rn, PQc, f, dd);
+        else column_sum_update<false>(rn, PQc, LDP, dd, f);
+      }
     }
-    __syncthreads();  // sPK, sDP (DVF: sR) complete
-    if (DVF && (has_state || (SLIDING && has_q))) key_side_dv(a, sR, Kc, PQc, DYc, dsc_inv, has_state, SLIDING && has_q, b, hk, j0);
+    __syncthreads();  // sPK, sDP (WG: sR) complete
+    if (WG && (has_state || (SLIDING && has_q))) key_side_dv(a, sR, Kc, PQc, DYc, dsc_inv, has_state, SLIDING && has_q, b, hk, j0);
 
     // (C) sliding: the queries of chunk c+1 at least w ahead (kl <= ql) see these keys linearly:
     // dphi_k += ((V dy^T) - delta den) . (phi_q / den), key rows of row group rg, features [64 hf, +64).
@@ -4038,7 +4103,24 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       uint32_t da[4][4];
       {
         float dpt[8][4];
-        mul_x_keys_smem<D>(dpt, Vc, row0, DYc);  // dP^T = V dy^T
+        if constexpr (WG) {  // dP^T = V dy^T
+          #pragma unroll
+          for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
+          #pragma unroll
+          for (int kt = 0; kt < 8; kt++) {
+            uint32_t xa[4];
+            frag_a_swz(xa, Vc, row0, 16 * kt);
+            #pragma unroll
+            for (int np = 0; np < 4; np++) {
+              uint32_t bb[4];
+              frag_b_nk_swz(bb, DYc, 16 * np, 16 * kt);
+              mma_bf16(dpt[2 * np], xa, bb[0], bb[1]);
+              mma_bf16(dpt[2 * np + 1], xa, bb[2], bb[3]);
+            }
+          }
+        } else {
+          mul_x_keys_smem<D>(dpt, Vc, row0, DYc);  // dP^T = V dy^T
+        }
         #pragma unroll
         for (int nt = 0; nt < 8; nt++)
           #pragma unroll
@@ -4049,7 +4131,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         pack_c_to_a<false, 8>(da, dpt);
       }
       float acc[8][4] = {};
-      mul_a_tile_half<false>(acc, da, PQc, LDP, 64 * hf);
+      if constexpr (WG) mul_a_tile_half_swz<false>(acc, da, PQc, 64 * hf);
+      else mul_a_tile_half<false>(acc, da, PQc, LDP, 64 * hf);
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         #pragma unroll
