@@ -3093,6 +3093,50 @@ __device__ __forceinline__ void state_accumulate_wg(float (&st)[16][4], const vo
 #endif
 }
 
+// out (this warp's 16 state rows x 64 columns) = st X^T with the state split hi + lo in bf16 (state_times_tile_t
+// <false>), X a swizzled 64-row bf16 tile (a K-major B): two wgmma chains of the warpgroup.
+__device__ __forceinline__ void state_times_tile_t_split_wg(float (&out)[8][4], const float (&st)[16][4], const void* X) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  uint32_t hi[8][4], lo[8][4];
+  #pragma unroll
+  for (int k = 0; k < 8; k++)
+    #pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float (&c)[4] = st[2 * k + (i >> 1)];
+      const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
+      hi[k][i] = pack_bf16(x0, x1);
+      lo[k][i] = pack_bf16(x0 - bf16_lo(hi[k][i]), x1 - bf16_hi(hi[k][i]));
+    }
+  const uint32_t x = smem_u32(X);
+  wgmma_fence();
+  #pragma unroll
+  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], hi[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), k > 0);
+  #pragma unroll
+  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], lo[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), 1);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(out);
+#endif
+}
+// st (this warp's 16 rows m0.. of A^T Y) += A^T Y: state_accumulate<false> with A and Y swizzled 64-row bf16 tiles
+// (A^T as register fragments by ldmatrix.trans, Y an MN-major B): one wgmma chain of the warpgroup.
+__device__ __forceinline__ void state_accumulate_bf16_wg(float (&st)[16][4], const void* A, int m0, const void* Y) {
+#ifdef LOLCATS_WGMMA
+  using namespace attention_hopper;
+  uint32_t aa[4][4];
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) frag_a_t_swz(aa[kk], A, m0, 16 * kk);
+  const uint32_t y = smem_u32(Y);
+  fence_regs(st);
+  wgmma_fence();
+  #pragma unroll
+  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(st);
+#endif
+}
 // ---- forward, version 3 ----
 // Per chunk c: (A) warps 0-3 phi_k of chunk c-1, warps 4-7 phi_q of chunk c and its linear denominator
 // phi_q . z; (B) every warp: its 16 d-rows of numL^T = S^T phi_q^T (to the shared fp32 tile), then
@@ -3520,32 +3564,60 @@ struct BwdQ3Layout {
   static constexpr size_t Y = WQ, YLO = Y + TL::TILE * 2;
   static_assert(2 * TL::TILE <= 2 * TL::WT, "y and y_lo fit where Wq and Wk would be");
 };
-template <bool SLIDING, bool PHI_SAVED, bool OWN_DELTA = false>
+// WG (Hopper, with the saved maps): the products as wgmma, as in the key-side kernel: dphi_q^T = S dy^T two chains
+// (S split hi + lo), S += phi_k^T V one. The V, dy and phi_k slots are 128-byte swizzled (first, on the
+// 1024-aligned base); the phi_q slots and the y tiles stay padded (read by rows).
+struct BwdQ3WgLayout {
+  using TL = Tiles<128>;
+  static constexpr size_t V = 0, DY = V + 2 * WG_TILE, PK = DY + 2 * WG_TILE, PQ = PK + 2 * WG_TILE, Y = PQ + 2 * TL::PT * 2,
+                          YLO = Y + TL::TILE * 2, DP = YLO + TL::TILE * 2, Z = DP + 64 * V3_LDN * 4, INV = Z + 2 * NF * 4,
+                          DEL = INV + 2 * 64 * 4, BYTES = DEL + 2 * 64 * 4 + 1024;
+};
+// sc (this warp's 16 rows x 64 keys) = X K^T in mma.sync, X register A fragments (d = 128), K a swizzled 64-key tile.
+__device__ __forceinline__ void mul_x_keys_swz(float (&sc)[8][4], const uint32_t (&X)[8][4], const void* K) {
+  #pragma unroll
+  for (int i = 0; i < 8; i++) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.0f;
+  #pragma unroll
+  for (int kt = 0; kt < 8; kt++)
+    #pragma unroll
+    for (int np = 0; np < 4; np++) {
+      uint32_t bb[4];
+      frag_b_nk_swz(bb, K, 16 * np, 16 * kt);
+      mma_bf16(sc[2 * np], X[kt], bb[0], bb[1]);
+      mma_bf16(sc[2 * np + 1], X[kt], bb[2], bb[3]);
+    }
+}
+template <bool SLIDING, bool PHI_SAVED, bool OWN_DELTA = false, bool WG = false>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_kernel(FastBwdArgs a) {
   static_assert(PHI_SAVED || !OWN_DELTA, "delta is formed only with the saved maps (the W tiles' room)");
+  static_assert(PHI_SAVED || !WG, "the Hopper form loads the saved maps");
   constexpr int D = 128;
   using TL = Tiles<D>;
   using LY = BwdQ3Layout;
+  using LW = BwdQ3WgLayout;
   constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
   const Shape& s = a.s;
   const int seg = blockIdx.x, h = blockIdx.y, b = blockIdx.z, hk = h / s.group;
   const int tid = threadIdx.x, warp = tid >> 5, ln = tid & 31, g = ln >> 2, t = ln & 3;
   const int rg = warp & 3, hf = warp >> 2, row0 = 16 * rg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  bf16* sQ = (bf16*)(smem_raw + LY::Q);
-  bf16* sK = (bf16*)(smem_raw + LY::K);
-  bf16* sV = (bf16*)(smem_raw + LY::V);
-  bf16* sDY = (bf16*)(smem_raw + LY::DY);
-  bf16* sWq = (bf16*)(smem_raw + LY::WQ);
-  bf16* sWk = (bf16*)(smem_raw + LY::WK);
-  bf16* sPK = (bf16*)(smem_raw + LY::PK);
-  __half* sPQ = (__half*)(smem_raw + LY::PQ);
-  float* sDP = (float*)(smem_raw + LY::DP);  // dphi_q (query, feature)
-  float* sZ = (float*)(smem_raw + LY::Z);    // [2][128]: z before chunk c (c & 1), and after
-  float* sInv = (float*)(smem_raw + LY::INV);  // [2][64] 1 / den of the chunk's query rows (slot c & 1)
-  float* sDel = (float*)(smem_raw + LY::DEL);  // [2][64] delta
-  bf16* sY = (bf16*)(smem_raw + LY::Y);        // PHI_SAVED with a.y: y_c and y_lo_c (one slot each)
-  bf16* sYlo = (bf16*)(smem_raw + LY::YLO);
+  // WG: the 1024-aligned base the swizzled tiles need (BYTES has the slack)
+  unsigned char* sm = WG ? smem_raw + (((smem_u32(smem_raw) + 1023) & ~1023u) - smem_u32(smem_raw)) : smem_raw;
+  constexpr int XT = WG ? WG_TILE / 2 : TL::TILE;  // elements a V or dy slot
+  bf16* sQ = (bf16*)(sm + LY::Q);
+  bf16* sK = (bf16*)(sm + LY::K);
+  bf16* sV = (bf16*)(sm + (WG ? LW::V : LY::V));
+  bf16* sDY = (bf16*)(sm + (WG ? LW::DY : LY::DY));
+  bf16* sWq = (bf16*)(sm + LY::WQ);
+  bf16* sWk = (bf16*)(sm + LY::WK);
+  bf16* sPK = (bf16*)(sm + LY::PK);
+  __half* sPQ = (__half*)(sm + LY::PQ);
+  float* sDP = (float*)(sm + (WG ? LW::DP : LY::DP));  // dphi_q (query, feature)
+  float* sZ = (float*)(sm + (WG ? LW::Z : LY::Z));      // [2][128]: z before chunk c (c & 1), and after
+  float* sInv = (float*)(sm + (WG ? LW::INV : LY::INV));  // [2][64] 1 / den of the chunk's query rows (slot c & 1)
+  float* sDel = (float*)(sm + (WG ? LW::DEL : LY::DEL));  // [2][64] delta
+  bf16* sY = (bf16*)(sm + (WG ? LW::Y : LY::Y));          // PHI_SAVED with a.y: y_c and y_lo_c (one slot each)
+  bf16* sYlo = (bf16*)(sm + (WG ? LW::YLO : LY::YLO));
 
   const int c_begin = seg * a.seg_chunks, c_end = min(s.NC, c_begin + a.seg_chunks);
   const size_t qstride = (size_t)s.H * D, kstride = (size_t)s.Hkv * D;
@@ -3588,12 +3660,29 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   const size_t pstride = (size_t)s.H * NF;
   const unsigned short* pqb = PHI_SAVED ? (const unsigned short*)a.sv.phi_q + row_index(s, b, 0, h) * NF : nullptr;
   const unsigned short* pkb = PHI_SAVED ? (const unsigned short*)a.sv.phi_k + row_index(s, b, 0, h) * NF : nullptr;
-  auto pq_slot = [&](int c) { return (unsigned short*)((c & 1) ? (void*)sQ : (void*)sPQ); };
-  auto pk_slot = [&](int c) { return (unsigned short*)((c & 1) ? (void*)sK : (void*)sPK); };
+  // (WG: phi_q(c) in slot c & 1 of LW::PQ, phi_k(c-1) in slot c & 1 of LW::PK, swizzled)
+  auto pq_slot = [&](int c) {
+    if constexpr (WG) return (unsigned short*)(sm + LW::PQ + (c & 1) * TL::PT * 2);
+    else return (unsigned short*)((c & 1) ? (void*)sQ : (void*)sPQ);
+  };
+  auto pk_slot = [&](int c) {
+    if constexpr (WG) return (unsigned short*)(sm + LW::PK + (c & 1) * WG_TILE);
+    else return (unsigned short*)((c & 1) ? (void*)sK : (void*)sPK);
+  };
   // The tiles chunk c reads: Q_c, dy_c (slot c & 1), K_{c-1}, V_{c-1} (slot (c-1) & 1).
   auto load_for = [&](int c) {
     if (PHI_SAVED) load_rows_async<NF, V3_THREADS>(pq_slot(c), LDP, pqb + (size_t)c * CHUNK * pstride, pstride, 64, rows_in(c));
     else load_rows_async<D, V3_THREADS>(sQ, LDT, qb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
+    if constexpr (WG) {
+      load_tile_swz_async<64, V3_THREADS>(smem_u32(sDY + (c & 1) * XT), dyb + (size_t)c * CHUNK * qstride, qstride, rows_in(c), tid);
+      if (c >= 1) {
+        load_tile_swz_async<64, V3_THREADS>(smem_u32(pk_slot(c)), (const bf16*)(pkb + (size_t)(c - 1) * CHUNK * pstride), pstride,
+                                            rows_in(c - 1), tid);
+        load_tile_swz_async<64, V3_THREADS>(smem_u32(sV + ((c - 1) & 1) * XT), vb + (size_t)(c - 1) * CHUNK * kstride, kstride,
+                                            rows_in(c - 1), tid);
+      }
+      return;
+    }
     load_rows_async<D, V3_THREADS>(sDY + (c & 1) * TL::TILE, LDT, dyb + (size_t)c * CHUNK * qstride, qstride, 64, rows_in(c));
     if (c >= 1) {
       if (PHI_SAVED) load_rows_async<NF, V3_THREADS>(pk_slot(c), LDP, pkb + (size_t)(c - 1) * CHUNK * pstride, pstride, 64, rows_in(c - 1));
@@ -3626,8 +3715,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
   }
 
   for (int c = c_begin; c < c_end; c++) {
-    const bf16* Vp = sV + ((c - 1) & 1) * TL::TILE;
-    const bf16* DYc = sDY + (c & 1) * TL::TILE;
+    const bf16* Vp = sV + ((c - 1) & 1) * XT;
+    const bf16* DYc = sDY + (c & 1) * XT;
     const __half* PQc = PHI_SAVED ? (const __half*)pq_slot(c) : sPQ;
     const bf16* PKc = PHI_SAVED ? (const bf16*)pk_slot(c) : sPK;
     const float* zc = sZ + (c & 1) * NF;
@@ -3646,7 +3735,10 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
 
     // (A) feature maps
     if (PHI_SAVED) {
-      if (has_prev) tile_convert_v3<NF, false>((void*)PKc, LDP, 64);  // the products with V and dy are in bf16
+      if (has_prev) {  // the products with V and dy are in bf16
+        if constexpr (WG) tile_convert_v3<64, false>((void*)PKc, 64, 128);  // (a swizzled tile: 128 rows of 64)
+        else tile_convert_v3<NF, false>((void*)PKc, LDP, 64);
+      }
       if (own_delta) {  // delta of the chunk's rows: 8 threads a row (16-byte pieces p, p + 8: conflict-free), 2 passes
         const int p = tid & 7;
         #pragma unroll
@@ -3656,7 +3748,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
           #pragma unroll
           for (int i = 0; i < 2; i++) {
             const int col = 8 * (p + 8 * i);
-            const uint4 dv4 = *(const uint4*)(DYc + r * LDT + col), yv4 = *(const uint4*)(sY + r * LDT + col);
+            const uint4 dv4 = WG ? *(const uint4*)((const unsigned char*)DYc + swz_off(r, col)) : *(const uint4*)(DYc + r * LDT + col);
+            const uint4 yv4 = *(const uint4*)(sY + r * LDT + col);
             const uint4 lv4 = a.y_lo ? *(const uint4*)(sYlo + r * LDT + col) : make_uint4(0u, 0u, 0u, 0u);
             const uint32_t* dw = (const uint32_t*)&dv4;
             const uint32_t* yw = (const uint32_t*)&yv4;
@@ -3725,7 +3818,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
     {
       float dpt[8][4];
       if (has_state) {
-        state_times_tile_t<false>(dpt, st, DYc, LDT);
+        if constexpr (WG) state_times_tile_t_split_wg(dpt, st, DYc);
+        else state_times_tile_t<false>(dpt, st, DYc, LDT);
       } else {
         #pragma unroll
         for (int n = 0; n < 8; n++) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.0f;
@@ -3747,11 +3841,17 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
           sDP[qr * LDN + f] = has_state ? dpt[n][e] * iv[n][e & 1] - dl[n][e & 1] * zf[e >> 1] : 0.0f;
         }
     }
-    if (has_prev) state_accumulate<false>(st, PKc, LDP, 16 * warp, Vp, LDT);
+    if (has_prev) {
+      if constexpr (WG) state_accumulate_bf16_wg(st, PKc, 16 * warp, Vp);
+      else state_accumulate<false>(st, PKc, LDP, 16 * warp, Vp, LDT);
+    }
     if (tid >= V3_THREADS - NF) {  // warps 4-7 (warps 0-3 had phi_k in (A))
       const int f = tid - (V3_THREADS - NF);
       zn[f] = zc[f];
-      if (has_prev) column_sum_update<false>(zn, PKc, LDP, nullptr, f);
+      if (has_prev) {
+        if constexpr (WG) column_sum_update_swz<false>(zn, PKc, f);
+        else column_sum_update<false>(zn, PKc, LDP, nullptr, f);
+      }
     }
     __syncthreads();  // sDP complete
 
@@ -3762,9 +3862,13 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
       {
         uint32_t dyf[8][4];
         #pragma unroll
-        for (int kt = 0; kt < 8; kt++) frag_a(dyf[kt], DYc, LDT, row0, 16 * kt);
+        for (int kt = 0; kt < 8; kt++) {
+          if constexpr (WG) frag_a_swz(dyf[kt], DYc, row0, 16 * kt);
+          else frag_a(dyf[kt], DYc, LDT, row0, 16 * kt);
+        }
         float dp[8][4];
-        mul_x_keys<D>(dp, dyf, Vp);
+        if constexpr (WG) mul_x_keys_swz(dp, dyf, Vp);
+        else mul_x_keys<D>(dp, dyf, Vp);
         const int key0 = (c - 1) * CHUNK;
         #pragma unroll
         for (int nt = 0; nt < 8; nt++)
@@ -3776,7 +3880,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         pack_c_to_a<false, 8>(da, dp);
       }
       float acc[8][4] = {};
-      mul_a_tile_half<false>(acc, da, PKc, LDP, 64 * hf);
+      if constexpr (WG) mul_a_tile_half_swz<false>(acc, da, PKc, 64 * hf);
+      else mul_a_tile_half<false>(acc, da, PKc, LDP, 64 * hf);
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
         #pragma unroll
@@ -3862,50 +3967,6 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
     const float4 v = (t & 1) ? make_float4(s0, s1, acc[nt][2], acc[nt][3]) : make_float4(acc[nt][0], acc[nt][1], s0, s1);
     if (j < s.T) atomicAdd((float4*)(dst + 8 * nt), v);
   }
-}
-// out (this warp's 16 state rows x 64 columns) = st X^T with the state split hi + lo in bf16 (state_times_tile_t
-// <false>), X a swizzled 64-row bf16 tile (a K-major B): two wgmma chains of the warpgroup.
-__device__ __forceinline__ void state_times_tile_t_split_wg(float (&out)[8][4], const float (&st)[16][4], const void* X) {
-#ifdef LOLCATS_WGMMA
-  using namespace attention_hopper;
-  uint32_t hi[8][4], lo[8][4];
-  #pragma unroll
-  for (int k = 0; k < 8; k++)
-    #pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const float (&c)[4] = st[2 * k + (i >> 1)];
-      const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
-      hi[k][i] = pack_bf16(x0, x1);
-      lo[k][i] = pack_bf16(x0 - bf16_lo(hi[k][i]), x1 - bf16_hi(hi[k][i]));
-    }
-  const uint32_t x = smem_u32(X);
-  wgmma_fence();
-  #pragma unroll
-  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], hi[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), k > 0);
-  #pragma unroll
-  for (int k = 0; k < 8; k++) wgmma_rs_m64n64k16_kb(&out[0][0], lo[k], make_desc(x + (k / 4) * WG_HALF + (k % 4) * 32, 16, 1024), 1);
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(out);
-#endif
-}
-// st (this warp's 16 rows m0.. of A^T Y) += A^T Y: state_accumulate<false> with A and Y swizzled 64-row bf16 tiles
-// (A^T as register fragments by ldmatrix.trans, Y an MN-major B): one wgmma chain of the warpgroup.
-__device__ __forceinline__ void state_accumulate_bf16_wg(float (&st)[16][4], const void* A, int m0, const void* Y) {
-#ifdef LOLCATS_WGMMA
-  using namespace attention_hopper;
-  uint32_t aa[4][4];
-  #pragma unroll
-  for (int kk = 0; kk < 4; kk++) frag_a_t_swz(aa[kk], A, m0, 16 * kk);
-  const uint32_t y = smem_u32(Y);
-  fence_regs(st);
-  wgmma_fence();
-  #pragma unroll
-  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(st);
-#endif
 }
 // WG (Hopper, the full backward with the saved maps): the products as wgmma and the linear part of dv in this
 // kernel too, so the dv pass below does not run. The V, phi_q / den and dy tiles are 128-byte swizzled: dphi_k^T =
@@ -5279,7 +5340,13 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     ba.y = y;
     ba.y_lo = saved.y_lo;
   }
-  if (v3) {
+  if (v3 && phi_saved && use_wgmma()) {  // Hopper: the products as wgmma
+    const bool own_delta = ba.y != nullptr;
+    auto kq = sliding ? (own_delta ? fast_backward_query_v3_kernel<true, true, true, true> : fast_backward_query_v3_kernel<true, true, false, true>)
+                      : (own_delta ? fast_backward_query_v3_kernel<false, true, true, true> : fast_backward_query_v3_kernel<false, true, false, true>);
+    set_max_smem(kq, BwdQ3WgLayout::BYTES);
+    kq<<<grid, V3_THREADS, BwdQ3WgLayout::BYTES, stream>>>(ba);
+  } else if (v3) {
     const bool own_delta = ba.y != nullptr;
     auto kq = sliding ? (phi_saved ? (own_delta ? fast_backward_query_v3_kernel<true, true, true> : fast_backward_query_v3_kernel<true, true>)
                                    : fast_backward_query_v3_kernel<true, false>)
