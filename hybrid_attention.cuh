@@ -3975,10 +3975,10 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
 // block, from the warps' maxima of the chunk before) to a swizzled shared tile, and each warpgroup forms its half
 // of the head dim of dv = phi_k R_c as one wgmma chain (phi_k as register A fragments, R an MN-major B), plus the
 // sliding term in mma.sync; the rows go to the fp32 dv accumulator by 16-byte atomics (GQA heads).
-template <bool WG>
+template <bool WG, bool DV = WG>
 struct BwdK3LayoutT {
   using TL = Tiles<128>;
-  static constexpr size_t R_TILE = WG ? (size_t)NF * 128 * 2 : 0;  // R_c (features x d), f16, swizzled halves of d
+  static constexpr size_t R_TILE = DV ? (size_t)NF * 128 * 2 : 0;  // R_c (features x d), f16, swizzled halves of d
   static constexpr size_t X_TILE = WG ? WG_TILE : TL::TILE * 2;    // a V, phi_q / den or dy slot
   static_assert(TL::TILE == TL::PT, "a phi tile is a d-tile");
   // (the swizzled slots first, on the 1024-aligned base; without WG the order of version 3's first layout)
@@ -3993,12 +3993,14 @@ using BwdK3Layout = BwdK3LayoutT<false>;
 __device__ __forceinline__ int swz_off128(int r, int col) {
   return (col >> 6) * (128 * 128) + r * 128 + ((((col >> 3) & 7) ^ (r & 7)) << 4) + 2 * (col & 7);
 }
-template <bool SLIDING, bool PHI_SAVED, bool WG = false>
+// DV (with WG; without: stage 1, no input gradients): the fused dv.
+template <bool SLIDING, bool PHI_SAVED, bool WG = false, bool DV = WG>
 static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_kernel(FastBwdArgs a) {
-  static_assert(PHI_SAVED || !WG, "the fused dv takes phi_k as the forward saved it (f16)");
+  static_assert(PHI_SAVED || !WG, "the Hopper form loads the saved maps");
+  static_assert(WG || !DV, "the fused dv is part of the Hopper form");
   constexpr int D = 128;
   using TL = Tiles<D>;
-  using LY = BwdK3LayoutT<WG>;
+  using LY = BwdK3LayoutT<WG, DV>;
   constexpr int XT = LY::X_TILE / 2;  // elements a V, phi_q / den or dy slot
   constexpr int LDT = TL::LDT, LDP = TL::LDP, LDN = V3_LDN;
   const Shape& s = a.s;
@@ -4018,8 +4020,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
   float* sDP = (float*)(sm + LY::DP);  // dphi_k (key, feature)
   float* sRv = (float*)(sm + LY::RV);  // [2][128] r, double-buffered by chunk parity
   float* sDD = (float*)(sm + LY::DD);  // [2][64] delta * den of the query rows of chunk c+1
-  float* sMx = (float*)(sm + LY::MX);  // WG: [2][8] the warps' max |R_c|, by chunk parity
-  // WG: this warp's max |R| for chunk cn (read by all warps after the next barrier)
+  float* sMx = (float*)(sm + LY::MX);  // DV: [2][8] the warps' max |R_c|, by chunk parity
+  // DV: this warp's max |R| for chunk cn (read by all warps after the next barrier)
   auto note_max = [&](const float (&r)[16][4], int cn) {
     float mx = 0.0f;
     #pragma unroll
@@ -4082,7 +4084,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       }
     if (tid < NF) sRv[((c_end - 1) & 1) * NF + tid] = last ? 0.0f : a.segRz[base + tid];
   }
-  if (WG) note_max(st, c_end - 1);
+  if (DV) note_max(st, c_end - 1);
 
   for (int c = c_end - 1; c >= c_begin; c--) {
     const int sl = c & 1;
@@ -4127,8 +4129,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
           sDP[kr * LDN + f] = has_state ? dpt[n][e] - rf[e >> 1] : 0.0f;
         }
     }
-    float dsc_inv = 1.0f;  // WG: the inverse of R_c's scale in the f16 tile
-    if (WG && has_state) {  // R_c into the f16 tile before the update (dv of chunk c takes query chunks >= c+2)
+    float dsc_inv = 1.0f;  // DV: the inverse of R_c's scale in the f16 tile
+    if (DV && has_state) {  // R_c into the f16 tile before the update (dv of chunk c takes query chunks >= c+2)
       float mx = sMx[(c & 1) * 8];
       #pragma unroll
       for (int w = 1; w < 8; w++) mx = fmaxf(mx, sMx[(c & 1) * 8 + w]);
@@ -4146,7 +4148,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
       if constexpr (WG) state_accumulate_bf16_wg(st, PQc, 16 * warp, DYc);
       else state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
     }
-    if (WG && c - 1 >= c_begin) note_max(st, c - 1);
+    if (DV && c - 1 >= c_begin) note_max(st, c - 1);
     if (tid >= V3_THREADS - NF) {  // warps 4-7, which have no (A): H200, T = 1024, 0.212 -> 0.202 ms
       const int f = tid - (V3_THREADS - NF);
       rn[f] = rc[f];
@@ -4155,8 +4157,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
         else column_sum_update<false>(rn, PQc, LDP, dd, f);
       }
     }
-    __syncthreads();  // sPK, sDP (WG: sR) complete
-    if (WG && (has_state || (SLIDING && has_q))) key_side_dv(a, sR, Kc, PQc, DYc, dsc_inv, has_state, SLIDING && has_q, b, hk, j0);
+    __syncthreads();  // sPK, sDP (DV: sR) complete
+    if (DV && (has_state || (SLIDING && has_q))) key_side_dv(a, sR, Kc, PQc, DYc, dsc_inv, has_state, SLIDING && has_q, b, hk, j0);
 
     // (C) sliding: the queries of chunk c+1 at least w ahead (kl <= ql) see these keys linearly:
     // dphi_k += ((V dy^T) - delta den) . (phi_q / den), key rows of row group rg, features [64 hf, +64).
@@ -5383,6 +5385,10 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
     auto kk = sliding ? fast_backward_key_v3_kernel<true, true, true> : fast_backward_key_v3_kernel<false, true, true>;
     set_max_smem(kk, BwdK3LayoutT<true>::BYTES);
     kk<<<grid, V3_THREADS, BwdK3LayoutT<true>::BYTES, stream>>>(ba);
+  } else if (v3 && phi_saved && use_wgmma()) {  // stage 1 on Hopper: the products as wgmma, no dv
+    auto kk = sliding ? fast_backward_key_v3_kernel<true, true, true, false> : fast_backward_key_v3_kernel<false, true, true, false>;
+    set_max_smem(kk, BwdK3LayoutT<true, false>::BYTES);
+    kk<<<grid, V3_THREADS, BwdK3LayoutT<true, false>::BYTES, stream>>>(ba);
   } else if (v3) {
     auto kk = sliding ? (phi_saved ? fast_backward_key_v3_kernel<true, true> : fast_backward_key_v3_kernel<true, false>)
                       : (phi_saved ? fast_backward_key_v3_kernel<false, true> : fast_backward_key_v3_kernel<false, false>);
