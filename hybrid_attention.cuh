@@ -140,6 +140,15 @@
 // elementwise code, the products as wgmma with 128-byte-swizzled tiles read straight from shared memory (H200,
 // T = 1024: window dq 0.211 -> 0.153 ms, window dk dv 0.249 -> 0.161; full fwd + bwd 1.42 -> 1.27).
 // 180-255 registers; the dq window kernel spills 28 bytes.
+// On Hopper with the saved maps the two state kernels take the WG form too (fast_backward_query_v3_kernel<..., WG>,
+// fast_backward_key_v3_kernel<..., WG, DV>): dphi = state x tile^T as two wgmma chains (the state split hi + lo as
+// register A fragments, the dy or V tile a swizzled K-major B), the state update as one (a transposed feature tile
+// as register A, an MN-major B); their V, dy and feature tiles are swizzled. And in the full backward the key
+// kernel forms dv's linear part itself (DV), so the dv pass does not run: R_c goes each chunk to a swizzled f16
+// tile (one power-of-two scale for the block, from the warps' maxima), each warpgroup forms its half of the head
+// dim of dv = phi_k R_c as a wgmma chain with phi_k as register A fragments, adds the sliding term (mma.sync)
+// and sends the rows to dv_acc by 16-byte atomics. H200, T = 1024: key side + dv 0.137 + 0.125 -> 0.172 ms,
+// query side 0.190 -> 0.164, stage 1's 0.159 -> 0.133 and 0.138 -> 0.114; full fwd + bwd 1.24 -> 1.12-1.13.
 // weight_grad_kernel forms dWq = sum q^T du_q
 // and dWk = sum k^T du_k (tensor cores, fixed row splits, fixed-order reduction). Recomputed rather than
 // stored: feature maps, scores, probabilities, states; saved per row: m_i, den_i, arg max, delta, the window

@@ -21,8 +21,9 @@ version 3: (HYBRID_IMPL_TENSOR) d = 128: the forward and the backward's state ke
            stateless window kernels (a block per chunk and kv head looping over the GQA group: dq per query
            chunk; dk, dv per key chunk with the next (head, query chunk)'s tiles and row statistics arriving
            by cp.async while one computes) and a second state walk for dv = phi_k R (R^T by head-dim rows).
-           On Hopper the forward's window scores and the two backward window kernels use warpgroup MMA
-           (wgmma); --no-wgmma runs the mma.sync code instead (what other GPUs run), for comparison.
+           On Hopper the forward's window scores and state products, the backward's state kernels and the two
+           backward window kernels use warpgroup MMA (wgmma), and the key-side kernel forms dv's linear part
+           itself (no second walk); --no-wgmma runs the mma.sync code instead (what other GPUs run).
 
 Reported per T: forward alone, forward + the fused stage-1 loss, the stage-1 backward (dWq, dWk, dw), the
 full backward (also dq, dk, dv; `saved` has room for the feature maps, so version 3 keeps them, and a last line
