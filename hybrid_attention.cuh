@@ -2856,6 +2856,16 @@ __device__ __forceinline__ float warp_f16_scale(const float (&st)[16][4], float*
   *inv = __int_as_float((127 - sh) << 23);
   return __int_as_float((127 + sh) << 23);
 }
+// k-step k of the state's C fragments as bf16 A fragments, split hi + lo (x = hi + lo to ~16 bits of mantissa).
+__device__ __forceinline__ void split_state_a(uint32_t (&hi)[4], uint32_t (&lo)[4], const float (&st)[16][4], int k) {
+  #pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const float (&c)[4] = st[2 * k + (i >> 1)];
+    const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
+    hi[i] = pack_bf16(x0, x1);
+    lo[i] = pack_bf16(x0 - bf16_lo(hi[i]), x1 - bf16_hi(hi[i]));
+  }
+}
 template <bool HALF>
 __device__ __forceinline__ void state_times_tile_t(float (&out)[8][4], const float (&st)[16][4], const void* X, int ld) {
   #pragma unroll
@@ -2887,13 +2897,7 @@ __device__ __forceinline__ void state_times_tile_t(float (&out)[8][4], const flo
     #pragma unroll
     for (int k = 0; k < 8; k++) {
       uint32_t hi[4], lo[4];
-      #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const float (&c)[4] = st[2 * k + (i >> 1)];
-        const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
-        hi[i] = pack_bf16(x0, x1);
-        lo[i] = pack_bf16(x0 - bf16_lo(hi[i]), x1 - bf16_hi(hi[i]));
-      }
+      split_state_a(hi, lo, st, k);
       #pragma unroll
       for (int np = 0; np < 4; np++) {
         uint32_t bb[4];
@@ -3119,8 +3123,10 @@ __device__ __forceinline__ void state_times_tile_t_wg(float (&out)[8][4], const 
     for (int e = 0; e < 4; e++) out[n][e] *= inv;
 #endif
 }
-// st (this warp's 16 d-rows of S^T) += A^T Y: state_accumulate<true> with A the swizzled f16 V tile (register
-// A fragments by ldmatrix) and Y a swizzled f16 feature tile (an MN-major B), one wgmma chain of the warpgroup.
+// st (this warp's 16 rows m0.. of A^T Y) += A^T Y: state_accumulate with A and Y swizzled 64-row 16-bit tiles
+// (A^T as register fragments by ldmatrix.trans, Y an MN-major B), one wgmma chain of the warpgroup. The forward:
+// A the f16 V tile, Y a feature tile (S^T's d-rows); the backward (bf16): A a feature tile, Y the V or dy tile.
+template <bool HALF>
 __device__ __forceinline__ void state_accumulate_wg(float (&st)[16][4], const void* A, int m0, const void* Y) {
 #ifdef LOLCATS_WGMMA
   using namespace attention_hopper;
@@ -3131,7 +3137,10 @@ __device__ __forceinline__ void state_accumulate_wg(float (&st)[16][4], const vo
   fence_regs(st);
   wgmma_fence();
   #pragma unroll
-  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_f16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+  for (int kk = 0; kk < 4; kk++) {
+    if (HALF) wgmma_rs_m64n128k16_f16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+    else wgmma_rs_m64n128k16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
+  }
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(st);
@@ -3145,14 +3154,7 @@ __device__ __forceinline__ void state_times_tile_t_split_wg(float (&out)[8][4], 
   using namespace attention_hopper;
   uint32_t hi[8][4], lo[8][4];
   #pragma unroll
-  for (int k = 0; k < 8; k++)
-    #pragma unroll
-    for (int i = 0; i < 4; i++) {
-      const float (&c)[4] = st[2 * k + (i >> 1)];
-      const float x0 = c[2 * (i & 1)], x1 = c[2 * (i & 1) + 1];
-      hi[k][i] = pack_bf16(x0, x1);
-      lo[k][i] = pack_bf16(x0 - bf16_lo(hi[k][i]), x1 - bf16_hi(hi[k][i]));
-    }
+  for (int k = 0; k < 8; k++) split_state_a(hi[k], lo[k], st, k);
   const uint32_t x = smem_u32(X);
   wgmma_fence();
   #pragma unroll
@@ -3162,24 +3164,6 @@ __device__ __forceinline__ void state_times_tile_t_split_wg(float (&out)[8][4], 
   wgmma_commit();
   wgmma_wait<0>();
   fence_regs(out);
-#endif
-}
-// st (this warp's 16 rows m0.. of A^T Y) += A^T Y: state_accumulate<false> with A and Y swizzled 64-row bf16 tiles
-// (A^T as register fragments by ldmatrix.trans, Y an MN-major B): one wgmma chain of the warpgroup.
-__device__ __forceinline__ void state_accumulate_bf16_wg(float (&st)[16][4], const void* A, int m0, const void* Y) {
-#ifdef LOLCATS_WGMMA
-  using namespace attention_hopper;
-  uint32_t aa[4][4];
-  #pragma unroll
-  for (int kk = 0; kk < 4; kk++) frag_a_t_swz(aa[kk], A, m0, 16 * kk);
-  const uint32_t y = smem_u32(Y);
-  fence_regs(st);
-  wgmma_fence();
-  #pragma unroll
-  for (int kk = 0; kk < 4; kk++) wgmma_rs_m64n128k16_tb(&st[0][0], aa[kk], make_desc(y + kk * 2048, WG_HALF, 1024));
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(st);
 #endif
 }
 // ---- forward, version 3 ----
@@ -3353,7 +3337,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_forward_v3_kernel(F
     }
     if (has_prev) {
       if constexpr (WG) {
-        state_accumulate_wg(st, Vp, 16 * warp, sPK);
+        state_accumulate_wg<true>(st, Vp, 16 * warp, sPK);
         if (tid < NF) column_sum_update_swz(sZ, sPK);
       } else {
         state_accumulate<true>(st, Vp, LDT, 16 * warp, sPK, LDP);
@@ -3887,7 +3871,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
         }
     }
     if (has_prev) {
-      if constexpr (WG) state_accumulate_bf16_wg(st, PKc, 16 * warp, Vp);
+      if constexpr (WG) state_accumulate_wg<false>(st, PKc, 16 * warp, Vp);
       else state_accumulate<false>(st, PKc, LDP, 16 * warp, Vp, LDT);
     }
     if (tid >= V3_THREADS - NF) {  // warps 4-7 (warps 0-3 had phi_k in (A))
@@ -4190,7 +4174,7 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_key_v3_ker
           *(uint32_t*)(sR + swz_off128(16 * warp + g + 8 * r, 8 * j + 2 * t)) = pack_f16(st[j][2 * r] * sc, st[j][2 * r + 1] * sc);
     }
     if (has_q) {
-      if constexpr (WG) state_accumulate_bf16_wg(st, PQc, 16 * warp, DYc);
+      if constexpr (WG) state_accumulate_wg<false>(st, PQc, 16 * warp, DYc);
       else state_accumulate<false>(st, PQc, LDP, 16 * warp, DYc, LDT);
     }
     if (DV && c - 1 >= c_begin) note_max(st, c - 1);
