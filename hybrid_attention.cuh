@@ -1807,10 +1807,9 @@ struct SegSumArgs {
 };
 // 8 warps. The sum lives in registers: warp w owns value columns [16w, 16w + 16) of S^T (16 x 128 fp32, the
 // accumulator of an mma with M = columns, N = features), so the update is a plain mma chain, no shared-memory
-// read-modify-write; warps 0-3 compute the feature maps (KEYS: double-buffered, so that warps 4-7 add the
-// previous chunk's features to z meanwhile, off the chain of maps and updates). The tiles of chunk c+1 load while chunk c computes
-// (double buffers): waiting for each chunk's tiles right after asking for them left these passes at a third
-// of the forward's time.
+// read-modify-write; KEYS: the feature maps in pairs of chunks (below). The next chunk's (pair's) tiles load while
+// this one computes (double buffers): waiting for each chunk's tiles right after asking for them left these passes
+// at a third of the forward's time.
 constexpr int SEG_THREADS = 256;
 // The reverse pass (!KEYS) reads no W and forms no feature maps: its blocks take only the part before W, and two
 // fit an SM (registers capped at 128 for it).
@@ -1844,7 +1843,7 @@ static __global__ void __launch_bounds__(SEG_THREADS, KEYS ? 1 : 2) segment_sum_
   if (tid < NF) sZ[tid] = 0.0f;
   const int c0 = KEYS ? max(0, seg * a.seg_chunks - 1) : seg * a.seg_chunks + 1;
   const int c1 = min(s.NC - 1, KEYS ? (seg + 1) * a.seg_chunks - 2 : (seg + 1) * a.seg_chunks);
-  // acc += Y^T P over a 64-row chunk: Y the 16-bit value tile (A^T fragments; made f16 here if Y_BF16), P the features.
+  // acc += Y^T P over a 64-row chunk: Y the 16-bit value tile (A^T fragments; made f16 here if y_bf16), P the features.
   auto update = [&](const bf16* Y, const unsigned short* P, auto y_bf16) {
     #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
@@ -3929,6 +3928,43 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_query_v3_k
 // (A) warps 0-3 phi_k(c) (bf16, sinks and rows past T zeroed); (B) dphi_k^T = R V^T - r for the warp's
 // features (no dependence on (A)), then R += (phi_q / den)^T dy of query chunk c+1, and warps 4-7, which
 // have no (A), r += phi_q delta (the barrier after (B) waited on warps 0-3 alone); (C) sliding term, du_k.
+// dv's sliding term for this warp's 16 keys (row0..) x the head-dim half hf, into acc: the queries of chunk c+1 at
+// least w ahead see key chunk c linearly, acc += (phi_k (phi_q / den)^T, masked) dy. FUSED: phi_k (padded) as the
+// forward saved it (f16, made bf16 in registers), PQ and DY swizzled; else phi_k in bf16 and all three padded.
+template <bool FUSED>
+__device__ __forceinline__ void sliding_dv_rows(float (&acc)[8][4], const bf16* PK, const bf16* PQ, const bf16* DY, int row0, int hf) {
+  constexpr int LDP = Tiles<128>::LDP, LDT = Tiles<128>::LDT;
+  const int ln = lane_id(), g = ln >> 2, t = ln & 3;
+  uint32_t pa[4][4];
+  {
+    float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries), in bf16 as phi_q / den is
+    #pragma unroll
+    for (int k = 0; k < 8; k++) {
+      uint32_t pk[4];
+      frag_a(pk, PK, LDP, row0, 16 * k);
+      if (FUSED) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) pk[i] = pack_bf16(f16_lo(pk[i]), f16_hi(pk[i]));
+      }
+      #pragma unroll
+      for (int np = 0; np < 4; np++) {
+        uint32_t bb[4];
+        if (FUSED) frag_b_nk_swz(bb, PQ, 16 * np, 16 * k);
+        else frag_b_nk(bb, PQ, LDP, 16 * np, 16 * k);
+        mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
+        mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
+      }
+    }
+    #pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+      #pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
+    pack_c_to_a<false, 8>(pa, bst);
+  }
+  if (FUSED) mul_a_tile_half_swz<false>(acc, pa, DY, 64 * hf);
+  else mul_a_tile_half<false>(acc, pa, DY, LDT, 64 * hf);
+}
 // The fused dv of fast_backward_key_v3_kernel<..., WG = true> for key chunk c (rows j0..): this warp's 16 keys
 // (row group rg) x the head-dim half hf of dv = phi_k R_c (R_c the scaled f16 tile sR, times inv) + the sliding
 // term (the queries of chunk c+1 at least w ahead: (phi_k (phi_q / den)^T, masked) dy), into the fp32 accumulator.
@@ -3958,33 +3994,7 @@ __device__ __forceinline__ void key_side_dv(const FastBwdArgs& a, const unsigned
       for (int e = 0; e < 4; e++) acc[n][e] *= inv;
   }
 #endif
-  if (sliding) {
-    uint32_t pa[4][4];
-    {
-      float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries), in bf16 as phi_q / den is
-      #pragma unroll
-      for (int k = 0; k < 8; k++) {
-        uint32_t pk[4];
-        frag_a(pk, Kc, LDP, row0, 16 * k);
-        #pragma unroll
-        for (int i = 0; i < 4; i++) pk[i] = pack_bf16(f16_lo(pk[i]), f16_hi(pk[i]));
-        #pragma unroll
-        for (int np = 0; np < 4; np++) {
-          uint32_t bb[4];
-          frag_b_nk_swz(bb, PQc, 16 * np, 16 * k);
-          mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
-          mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
-        }
-      }
-      #pragma unroll
-      for (int nt = 0; nt < 8; nt++)
-        #pragma unroll
-        for (int e = 0; e < 4; e++)
-          if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
-      pack_c_to_a<false, 8>(pa, bst);
-    }
-    mul_a_tile_half_swz<false>(acc, pa, DYc, 64 * hf);
-  }
+  if (sliding) sliding_dv_rows<true>(acc, Kc, PQc, DYc, row0, hf);
   // Four consecutive columns a thread (the quad's pairs exchanged): even t row g, odd t row g + 8.
   const Shape& s = a.s;
   const int j = j0 + row0 + g + 8 * (t & 1);
@@ -5104,30 +5114,8 @@ static __global__ void __launch_bounds__(V3_THREADS, 1) fast_backward_dv_v3_kern
     if (!any) continue;
     // (C) sliding: key rows of row group rg, d-columns [64 hf, +64)
     if (SLIDING && has_q) {
-      uint32_t pa[4][4];
-      {
-        float bst[8][4] = {};  // phi_k . phi_q / den (keys x queries)
-        #pragma unroll
-        for (int k = 0; k < 8; k++) {
-          uint32_t pk[4];
-          frag_a(pk, PKc, LDP, row0, 16 * k);
-          #pragma unroll
-          for (int np = 0; np < 4; np++) {
-            uint32_t bb[4];
-            frag_b_nk(bb, PQc, LDP, 16 * np, 16 * k);
-            mma_bf16(bst[2 * np], pk, bb[0], bb[1]);
-            mma_bf16(bst[2 * np + 1], pk, bb[2], bb[3]);
-          }
-        }
-        #pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-          #pragma unroll
-          for (int e = 0; e < 4; e++)
-            if (row0 + g + 8 * (e >> 1) > 8 * nt + 2 * t + (e & 1)) bst[nt][e] = 0.0f;  // query w or more ahead
-        pack_c_to_a<false, 8>(pa, bst);
-      }
       float acc[8][4] = {};
-      mul_a_tile_half<false>(acc, pa, DYc, LDT, 64 * hf);
+      sliding_dv_rows<false>(acc, PKc, PQc, DYc, row0, hf);
       __syncthreads();  // sDV's transposed stores are done
       #pragma unroll
       for (int nt = 0; nt < 8; nt++)
