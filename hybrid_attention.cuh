@@ -5349,17 +5349,19 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   if (!saved.seg_state) fast_segment_sums<D>(true, p, s, k, v, wts.Wk, saved, ws, segS, segZ, stream);  // else: the forward's
   mark("bwd: S prefixes", stream);
   // Version 3 (d = 128): the state kernels form the feature-map gradients (du_q, du_k) and, for the full
-  // backward, stateless window kernels and the dv pass add dq, dk, dv. Version 2 does it all in its own kernels.
+  // backward, stateless window kernels and the dv pass (on Hopper the key kernel) add dq, dk, dv. Version 2 does it all in its own kernels.
   const bool v3 = uses_v3(p);
   const bool sliding = p.geometry == HYBRID_SLIDING;
   // After a version-3 forward that kept the feature maps (stage 1, or a caller that gave them room): the state
   // kernels load them.
   const bool phi_saved = v3 && saved.phi_q && saved.phi_k;
+  // On Hopper, with the maps, the state kernels' WG forms (wgmma products; the full backward's dv in the key kernel).
+  const bool wg_state = phi_saved && use_wgmma();
   if (query_forms_delta(p, saved, fused)) {
     ba.y = y;
     ba.y_lo = saved.y_lo;
   }
-  if (v3 && phi_saved && use_wgmma()) {  // Hopper: the products as wgmma
+  if (wg_state) {
     const bool own_delta = ba.y != nullptr;
     auto kq = sliding ? (own_delta ? fast_backward_query_v3_kernel<true, true, true, true> : fast_backward_query_v3_kernel<true, true, false, true>)
                       : (own_delta ? fast_backward_query_v3_kernel<false, true, true, true> : fast_backward_query_v3_kernel<false, true, false, true>);
@@ -5397,12 +5399,12 @@ inline void fast_backward_d(const HybridAttnParams& p, const Shape& s, const bf1
   fast_segment_sums<D>(false, p, s, ws.phiq_bf, dy, nullptr, saved, ws, ws.segS, ws.segZ, stream);
   mark("bwd: R prefixes", stream);
   // Hopper with the saved maps: the key kernel forms dv's linear part too (no dv pass).
-  const bool dv_fused = v3 && input_grads && phi_saved && use_wgmma();
+  const bool dv_fused = wg_state && input_grads;
   if (dv_fused) {
     auto kk = sliding ? fast_backward_key_v3_kernel<true, true, true> : fast_backward_key_v3_kernel<false, true, true>;
     set_max_smem(kk, BwdK3LayoutT<true>::BYTES);
     kk<<<grid, V3_THREADS, BwdK3LayoutT<true>::BYTES, stream>>>(ba);
-  } else if (v3 && phi_saved && use_wgmma()) {  // stage 1 on Hopper: the products as wgmma, no dv
+  } else if (wg_state) {  // stage 1: no dv
     auto kk = sliding ? fast_backward_key_v3_kernel<true, true, true, false> : fast_backward_key_v3_kernel<false, true, true, false>;
     set_max_smem(kk, BwdK3LayoutT<true, false>::BYTES);
     kk<<<grid, V3_THREADS, BwdK3LayoutT<true, false>::BYTES, stream>>>(ba);
